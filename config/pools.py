@@ -1,0 +1,62 @@
+"""What each worker pool needs from the broker: prefetch and connection-pool sizes per pool and concurrency."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["CONCURRENT_POOLS", "PoolProfile", "profile_for"]
+
+# Pools that run many task bodies in one process; each body may hold a Redis connection at once
+# (acks_late acks and result writes happen where the body ran).
+CONCURRENT_POOLS = frozenset({"threads", "gevent", "eventlet", "asyncio", "custom"})
+CONNECTION_HEADROOM = 16
+MIN_CONNECTIONS = 32
+
+
+@dataclass(frozen=True)
+class PoolProfile:
+    """Broker-side sizing for one worker process."""
+
+    pool: str
+    concurrency: int
+    prefetch_multiplier: int
+    max_connections: int
+    producer_pool_limit: int
+
+    def describe(self) -> str:
+        return (
+            f"pool={self.pool} concurrency={self.concurrency} prefetch_multiplier={self.prefetch_multiplier} "
+            f"redis max_connections={self.max_connections}"
+        )
+
+
+def _pool_name(pool_cls: object) -> str:
+    if pool_cls is None:
+        return "prefork"
+    if isinstance(pool_cls, str):
+        return pool_cls.lower()
+    module = getattr(pool_cls, "__module__", "")
+    if module.startswith("workers.asyncio_pool"):
+        return "asyncio"
+    return module.rsplit(".", 1)[-1] or "custom"
+
+
+def profile_for(pool_cls: object, concurrency: int | None) -> PoolProfile:
+    """Sizing for a worker started with ``-P pool_cls -c concurrency``.
+
+    Stock kombu caps its Redis connection pool at 10; a gevent or threads worker at ``-c 100`` with
+    acks_late then fails acks with ``MaxConnectionsError`` and drops its broker connection. Every
+    concurrent slot gets a connection here, plus headroom for the consumer, heartbeats and events.
+    """
+    pool = _pool_name(pool_cls)
+    slots = int(concurrency) if concurrency else (os.cpu_count() or 1)
+    concurrent = pool in CONCURRENT_POOLS
+    return PoolProfile(
+        pool=pool,
+        concurrency=slots,
+        # One message per slot for prefork/solo: a long I/O job must not sit reserved behind another.
+        prefetch_multiplier=2 if concurrent else 1,
+        max_connections=max(MIN_CONNECTIONS, slots + CONNECTION_HEADROOM) if concurrent else MIN_CONNECTIONS,
+        producer_pool_limit=max(10, min(slots, 64)),
+    )

@@ -1,0 +1,135 @@
+"""One typed settings object, read from ``LOOPLINE_*`` environment variables in one place."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from urllib.parse import urlsplit
+
+__all__ = ["ConfigError", "PREFIX", "Settings", "redact_url"]
+
+PREFIX = "LOOPLINE_"
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_BROKER_SCHEMES = (*_REDIS_SCHEMES, "amqp", "amqps", "pyamqp")
+
+
+class ConfigError(ValueError):
+    """A LOOPLINE_* variable has a value loopline cannot use; the message names the variable."""
+
+
+def _env_name(attr: str) -> str:
+    return PREFIX + attr.upper()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything loopline reads from the environment; each field maps to ``LOOPLINE_<FIELD>``."""
+
+    broker_url: str | None = None
+    result_backend: str | None = None
+    home: Path = field(default_factory=lambda: Path(".loopline"))
+    visibility_timeout_s: int = 3600
+    task_time_limit_s: int = 300
+    task_soft_time_limit_s: int = 270
+    result_expires_s: int = 86400
+    url_allowlist: tuple[str, ...] = ()
+    fetch_timeout_s: float = 30.0
+    fetch_max_bytes: int = 10 * 1024 * 1024
+    webhook_max_retries: int = 5
+    webhook_backoff_base_s: float = 1.0
+    webhook_backoff_max_s: float = 300.0
+    flower_auth: str | None = None
+    max_arg_bytes: int = 1024 * 1024
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every ``LOOPLINE_*`` variable; raise ConfigError naming the first bad one."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(_env_name(f.name))
+            if raw is None or raw.strip() == "":
+                continue
+            values[f.name] = _parse(f.name, f.type, raw.strip())
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        for name in ("visibility_timeout_s", "task_time_limit_s", "task_soft_time_limit_s", "result_expires_s",
+                     "fetch_max_bytes", "max_arg_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_env_name(name)} must be positive, got {getattr(self, name)!r}")
+        if self.fetch_timeout_s <= 0:
+            raise ConfigError(f"{_env_name('fetch_timeout_s')} must be positive, got {self.fetch_timeout_s!r}")
+        if self.webhook_max_retries < 0:
+            raise ConfigError(f"{_env_name('webhook_max_retries')} must be >= 0, got {self.webhook_max_retries!r}")
+        if self.task_soft_time_limit_s >= self.task_time_limit_s:
+            raise ConfigError(
+                f"{_env_name('task_soft_time_limit_s')}={self.task_soft_time_limit_s} must be below "
+                f"{_env_name('task_time_limit_s')}={self.task_time_limit_s}, or the soft limit never fires"
+            )
+        # A message whose task outlives the visibility timeout is redelivered to a second worker while the
+        # first still runs it: the duplicate is silent. Refuse such a configuration outright.
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            raise ConfigError(
+                f"{_env_name('visibility_timeout_s')}={self.visibility_timeout_s} must be larger than "
+                f"{_env_name('task_time_limit_s')}={self.task_time_limit_s}: Redis would redeliver running tasks"
+            )
+        if self.broker_url is not None:
+            _check_url("broker_url", self.broker_url, _BROKER_SCHEMES)
+        if self.result_backend is not None:
+            _check_url("result_backend", self.result_backend, _REDIS_SCHEMES)
+        if self.flower_auth is not None and ":" not in self.flower_auth:
+            raise ConfigError(f"{_env_name('flower_auth')} must look like user:password")
+        for entry in self.url_allowlist:
+            _check_allow_entry(entry)
+
+
+
+def redact_url(url: str) -> str:
+    """Hide the password part of a URL; leave everything else as it was."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _parse(name: str, type_: object, raw: str) -> object:
+    var = _env_name(name)
+    type_s = str(type_)
+    try:
+        if type_s == "int":
+            return int(raw)
+        if type_s == "float":
+            return float(raw)
+        if type_s == "Path":
+            return Path(raw).expanduser()
+        if type_s.startswith("tuple"):
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r} is not a valid {type_s}") from None
+    return raw
+
+
+def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
+    scheme = urlsplit(url).scheme
+    if scheme not in schemes:
+        raise ConfigError(
+            f"{_env_name(name)}={redact_url(url)!r} has scheme {scheme!r}; expected one of {', '.join(schemes)}"
+        )
+
+
+def _check_allow_entry(entry: str) -> None:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+        return
+    except ValueError:
+        pass
+    host = entry.rstrip(".")
+    if not host or any(not part or len(part) > 63 for part in host.split(".")) or " " in host or "/" in host:
+        raise ConfigError(f"{_env_name('url_allowlist')} entry {entry!r} is neither an IP, a CIDR nor a host name")

@@ -1,0 +1,7 @@
+"""The ``loopline`` command line: redis, worker, enqueue, flower, bench."""
+
+from __future__ import annotations
+
+__all__ = ["__version__"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,79 @@
+"""The producer side of the CLI: turn command-line arguments into jobs, send them, optionally wait."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import TimeoutError as ResultTimeout
+from celery.result import AsyncResult
+
+__all__ = ["Job", "jobs_from_args", "send", "wait"]
+
+TASKS = ("fetch_url", "deliver_webhook", "io_sleep")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One call to make: task name, positional and keyword arguments."""
+
+    task: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def _lines(path: Path) -> list[str]:
+    text = path.read_text() if str(path) != "-" else sys.stdin.read()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def jobs_from_args(task: str, values: Sequence[str], file: Path | None = None, payload: str | None = None,
+                   secret: str | None = None) -> list[Job]:
+    """Build jobs: one per URL (fetch_url, deliver_webhook) or per duration in ms (io_sleep)."""
+    items = [*values, *(_lines(file) if file else [])]
+    if not items:
+        raise ValueError("nothing to enqueue: give at least one argument or --file")
+    if task == "fetch_url":
+        return [Job(task, (url,), {}) for url in items]
+    if task == "deliver_webhook":
+        try:
+            body = json.loads(payload) if payload is not None else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--payload is not valid JSON: {exc}") from None
+        return [Job(task, (url, body), {"secret": secret} if secret else {}) for url in items]
+    if task == "io_sleep":
+        try:
+            return [Job(task, (float(ms),), {}) for ms in items]
+        except ValueError:
+            raise ValueError(f"io_sleep takes durations in milliseconds, got {items!r}") from None
+    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+
+
+def send(jobs: Iterable[Job], queue: str | None = None) -> list[AsyncResult]:
+    """Send every job over one producer connection; a bad job raises before anything after it is sent."""
+    import tasks
+    from config.celery_app import app
+
+    results = []
+    options = {"queue": queue} if queue else {}
+    with app.producer_or_acquire() as producer:
+        for job in jobs:
+            results.append(getattr(tasks, job.task).apply_async(job.args, job.kwargs, producer=producer, **options))
+    return results
+
+
+def wait(results: Sequence[AsyncResult], timeout_s: float) -> list[tuple[str, str, Any]]:
+    """(id, state, result or error message) for each job, waiting up to ``timeout_s`` for each."""
+    out = []
+    for res in results:
+        try:
+            value = res.get(timeout=timeout_s, propagate=False)
+        except ResultTimeout:
+            out.append((res.id, res.state, f"not finished after {timeout_s:g} s"))
+            continue
+        out.append((res.id, res.state, value if res.successful() else f"{type(value).__name__}: {value}"))
+    return out

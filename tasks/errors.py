@@ -1,0 +1,25 @@
+"""Errors the I/O tasks raise; each message says what went wrong and with which job."""
+
+from __future__ import annotations
+
+__all__ = ["BodyTooLarge", "FetchFailed", "InvalidJob", "JobTooLarge", "WebhookRejected"]
+
+
+class InvalidJob(ValueError):
+    """A job's arguments are wrong; raised at ``.delay()`` where possible, else as the task's failure."""
+
+
+class JobTooLarge(InvalidJob):
+    """A job's serialized arguments exceed ``LOOPLINE_MAX_ARG_BYTES``."""
+
+
+class FetchFailed(Exception):
+    """The remote end could not be reached or answered in a way the task cannot use."""
+
+
+class BodyTooLarge(FetchFailed):
+    """The response body is larger than the job's ``max_bytes``."""
+
+
+class WebhookRejected(Exception):
+    """The receiver refused the delivery with a 4xx status that retrying cannot fix."""

@@ -1,0 +1,102 @@
+"""Session fixtures: a private Redis, a local HTTP target, and real worker processes per pool.
+
+The Redis and the target start in ``pytest_configure``, before any test module is imported,
+because ``config.celery_app`` reads ``LOOPLINE_BROKER_URL`` when it is first imported.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from bench.procs import Child, start_target, start_worker
+from embedded_redis import EmbeddedRedis
+
+WORKER_READY_TIMEOUT_S = 60.0
+_session: dict[str, object] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    home = Path(tempfile.mkdtemp(prefix="loopline-test-"))
+    server = EmbeddedRedis(home / "redis")
+    status = server.up()
+    target, url = start_target(0.0, log_path=home / "target.log")
+    _session.update(home=home, redis=server, redis_url=status.url, target=target, target_url=url)
+    os.environ.update({
+        "LOOPLINE_BROKER_URL": status.url,
+        "LOOPLINE_HOME": str(home),
+        "LOOPLINE_URL_ALLOWLIST": "127.0.0.1",
+        "LOOPLINE_WEBHOOK_BACKOFF_BASE_S": "0.05",
+        "LOOPLINE_WEBHOOK_MAX_RETRIES": "3",
+    })
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    target = _session.get("target")
+    if isinstance(target, Child):
+        target.stop(5)
+    server = _session.get("redis")
+    if isinstance(server, EmbeddedRedis):
+        server.down()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return str(_session["redis_url"])
+
+
+@pytest.fixture(scope="session")
+def target_url() -> str:
+    """Base URL of the local HTTP target (bench.target) on 127.0.0.1."""
+    return str(_session["target_url"])
+
+
+@pytest.fixture
+def target_stats(target_url: str) -> Callable[[], dict[str, int]]:
+    def read() -> dict[str, int]:
+        with requests.get(f"{target_url}/stats", timeout=5) as response:
+            return response.json()
+
+    return read
+
+
+@pytest.fixture
+def queue() -> str:
+    """A queue of this test's own, so no other test's worker takes its jobs."""
+    return f"test.{uuid.uuid4().hex[:10]}"
+
+
+def wait_for_log(child: Child, needle: str, timeout_s: float = WORKER_READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if needle in child.log_text():
+            return
+        if not child.alive():
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{child.name} never logged {needle!r}:\n{child.log_text()[-4000:]}")
+
+
+@pytest.fixture
+def worker(tmp_path: Path, queue: str) -> Iterator[Callable[..., Child]]:
+    """Start a real ``loopline worker`` on the test's queue; every worker is stopped after the test."""
+    started: list[Child] = []
+
+    def start(pool: str, concurrency: int = 4, *, queues: list[str] | None = None, env: dict[str, str] | None = None,
+              wait: bool = True) -> Child:
+        child = start_worker(pool, concurrency, queues=queues or [queue], log_path=tmp_path / f"{pool}.log", env=env)
+        started.append(child)
+        if wait:
+            wait_for_log(child, " ready.")
+        return child
+
+    yield start
+    for child in started:
+        child.stop(grace_s=20)
