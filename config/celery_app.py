@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_init
+from celery.signals import celeryd_after_setup, celeryd_init
 
 from config.pools import PoolProfile, profile_for
 from config.settings import ConfigError, Settings, redact_url
@@ -85,14 +85,27 @@ def _size_for_pool(sender: str | None = None, conf: Any = None, options: dict[st
     Celery sends ``celeryd_init`` from ``celery.apps.worker.Worker.on_before_init``, before the consumer
     opens a broker connection or the backend is built, with the command-line options in ``options``.
     """
-    profile = profile_for((options or {}).get("pool_cls"), (options or {}).get("concurrency"))
-    apply_profile(conf if conf is not None else app.conf, profile)
-    logger.info("loopline: %s", profile.describe())
+    opts = options or {}
+    # The click CLI passes the resolved pool class as ``pool``; programmatic callers may pass ``pool_cls``.
+    profile = profile_for(opts.get("pool_cls") or opts.get("pool"), opts.get("concurrency"))
+    apply_profile(conf if conf is not None else app.conf, profile, keep_prefetch=opts.get("prefetch_multiplier"))
+    _applied.append(profile)
 
 
-def apply_profile(conf: Any, profile: PoolProfile) -> None:
-    """Write a pool profile into a Celery configuration."""
-    conf.worker_prefetch_multiplier = profile.prefetch_multiplier
+@celeryd_after_setup.connect
+def _log_profile(sender: str | None = None, **_: Any) -> None:
+    # celeryd_init runs before Celery sets up logging, so the chosen sizing is logged here.
+    for profile in _applied:
+        logger.info("loopline: %s", profile.describe())
+
+
+_applied: list[PoolProfile] = []
+
+
+def apply_profile(conf: Any, profile: PoolProfile, *, keep_prefetch: object = None) -> None:
+    """Write a pool profile into a Celery configuration (an explicit --prefetch-multiplier wins)."""
+    if not keep_prefetch:
+        conf.worker_prefetch_multiplier = profile.prefetch_multiplier
     conf.broker_transport_options = {**conf.broker_transport_options, "max_connections": profile.max_connections}
     conf.redis_max_connections = profile.max_connections
     conf.broker_pool_limit = max(conf.broker_pool_limit or 0, profile.producer_pool_limit)

@@ -39,7 +39,8 @@ def _pool_name(pool_cls: object) -> str:
     module = getattr(pool_cls, "__module__", "")
     if module.startswith("workers.asyncio_pool"):
         return "asyncio"
-    return module.rsplit(".", 1)[-1] or "custom"
+    name = module.rsplit(".", 1)[-1] or "custom"
+    return "threads" if name == "thread" else name
 
 
 def profile_for(pool_cls: object, concurrency: int | None) -> PoolProfile:

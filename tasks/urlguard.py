@@ -4,13 +4,15 @@ A URL passes when its scheme is http or https, it has a host, and every address 
 public. The host checked is ``urlsplit(url).hostname``, the one an HTTP client connects to, so
 ``http://127.0.0.1@evil.com/`` is checked as ``evil.com`` (user info itself is allowed).
 
-Refused: loopback, private, link-local, multicast, reserved, unspecified, shared (100.64/10),
-site-local and unique-local IPv6, non-global addresses, cloud metadata addresses, the name
-``metadata.google.internal`` and ``localhost`` names. An IPv6 address that embeds an IPv4 one
-(IPv4-mapped, 6to4, NAT64 64:ff9b::/96) is judged by the IPv4 address. IPv4 literals are read as
-``inet_aton`` and browsers read them (``2130706433``, ``0x7f.1``, ``0177.0.0.1``, ``127.1``);
-a host whose last label is a number but is not a valid IPv4 address is refused, as browsers do.
-Non-ASCII hosts are refused (send the punycode ``xn--`` form), since clients disagree on IDNA.
+Refused: loopback, private (every range ``ipaddress`` calls private, documentation and benchmark
+ones included), link-local, multicast, reserved, unspecified, shared (100.64/10), site-local and
+unique-local IPv6, cloud metadata addresses, the name ``metadata.google.internal`` and ``localhost``
+names. An IPv6 address that embeds an IPv4 one (IPv4-mapped, 6to4, NAT64 64:ff9b::/96) is judged
+by the IPv4 address. IPv4 literals are read as ``inet_aton`` and browsers read them (``2130706433``,
+``0x7f.1``, ``0177.0.0.1``, ``127.1``); a host whose last label is a number but is not a valid IPv4
+address is refused, as browsers do. So are URLs that HTTP clients could split differently: with a
+backslash, whitespace or control characters, stray brackets, or a non-ASCII host (send the punycode
+``xn--`` form; clients disagree on IDNA).
 
 Allowlist semantics (``LOOPLINE_URL_ALLOWLIST``): an address is allowed if it is public or inside an
 allowlisted IP/CIDR; a cloud metadata address only by an entry for exactly that address, never by
@@ -156,7 +158,6 @@ def _category(ip: IPAddress) -> str | None:
         (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local, "a site-local address"),
         (ip.is_reserved, "a reserved address"),
         (ip.is_private, "a private address"),
-        (not ip.is_global, "a non-global address"),
     )
     return next((label for hit, label in checks if hit), None)
 

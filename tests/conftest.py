@@ -60,6 +60,9 @@ def target_url() -> str:
 
 @pytest.fixture
 def target_stats(target_url: str) -> Callable[[], dict[str, int]]:
+    """Reads the target's counters (requests served, peak in flight), zeroed when the test starts."""
+    requests.post(f"{target_url}/reset", timeout=5).close()
+
     def read() -> dict[str, int]:
         with requests.get(f"{target_url}/stats", timeout=5) as response:
             return response.json()

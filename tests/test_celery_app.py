@@ -1,0 +1,75 @@
+"""The Celery app's defaults, and the per-pool sizing that keeps high concurrency from exhausting connections."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+
+import pytest
+
+from bench.procs import Child
+from config.celery_app import app, apply_profile
+from config.pools import profile_for
+from tasks import fetch_url
+
+LOG_ERRORS = ("MaxConnectionsError", "Too many connections", "ERROR", "Traceback", "Restoring")
+
+
+def test_defaults_are_safe_for_io_jobs() -> None:
+    conf = app.conf
+    assert conf.accept_content == ["json"]
+    assert conf.task_serializer == "json"
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit
+    assert conf.task_soft_time_limit < conf.task_time_limit
+    assert conf.result_expires > 0
+    assert conf.worker_send_task_events is True
+
+
+@pytest.mark.parametrize(("pool", "concurrency"), [("gevent", 500), ("threads", 500), ("custom", 1000)])
+def test_concurrent_pools_get_a_connection_per_slot(pool: str, concurrency: int) -> None:
+    profile = profile_for(pool, concurrency)
+    assert profile.max_connections > concurrency
+    assert profile.prefetch_multiplier >= 1
+
+
+def test_prefork_keeps_one_message_per_slot() -> None:
+    profile = profile_for("prefork", 8)
+    assert profile.prefetch_multiplier == 1
+    assert profile.concurrency == 8
+
+
+def test_apply_profile_sizes_broker_and_backend_pools() -> None:
+    class Conf:
+        broker_transport_options = {"visibility_timeout": 3600}
+        broker_pool_limit = 10
+        worker_prefetch_multiplier = 4
+        redis_max_connections = None
+
+    conf = Conf()
+    apply_profile(conf, profile_for("gevent", 500))
+    assert conf.broker_transport_options == {"visibility_timeout": 3600, "max_connections": 516}
+    assert conf.redis_max_connections == 516
+    assert conf.worker_prefetch_multiplier == 2
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("pool", ["gevent", "threads"])
+def test_pool_at_500_slots_runs_without_connection_errors(
+    pool: str, worker: Callable[..., Child], queue: str, target_url: str, target_stats: Callable[[], dict[str, int]]
+) -> None:
+    child = worker(pool, 500)
+    results = []
+    with app.producer_or_acquire() as producer:
+        for _ in range(1500):
+            results.append(fetch_url.apply_async((f"{target_url}/job?ms=200",), queue=queue, producer=producer))
+    statuses = [r.get(timeout=120)["status"] for r in results]
+    assert statuses == [200] * 1500
+    # More jobs in flight at once than a stock 10-connection pool could have acked.
+    assert target_stats()["peak_in_flight"] > 20
+    assert child.stop(grace_s=30, signum=signal.SIGTERM) == 0
+    log = child.log_text()
+    assert "redis max_connections=516" in log
+    found = [needle for needle in LOG_ERRORS if needle in log]
+    assert not found, f"{found} in worker log:\n{log[-4000:]}"
