@@ -52,7 +52,9 @@ def _result_backend(settings: Settings, broker_url: str) -> str:
 settings = Settings.from_env()
 _broker = _broker_url(settings)
 
-app = Celery("loopline", broker=_broker, backend=_result_backend(settings, _broker), include=["tasks"])
+# task_cls: every task of this app, a user's ``async def`` included, runs its coroutine to completion.
+app = Celery("loopline", broker=_broker, backend=_result_backend(settings, _broker), include=["tasks"],
+             task_cls="tasks.base:LooplineTask")
 app.conf.update(
     # JSON only: a pickle message is refused by the worker instead of being executed.
     task_serializer="json",

@@ -43,6 +43,9 @@ class Settings:
     webhook_backoff_max_s: float = 300.0
     flower_auth: str | None = None
     max_arg_bytes: int = 1024 * 1024
+    asyncio_sync_threads: int = 16
+    asyncio_shutdown_grace_s: float = 30.0
+    asyncio_blocking_ms: float = 100.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -60,11 +63,18 @@ class Settings:
 
     def _check(self) -> None:
         for name in ("visibility_timeout_s", "task_time_limit_s", "task_soft_time_limit_s", "result_expires_s",
-                     "fetch_max_bytes", "max_arg_bytes"):
+                     "fetch_max_bytes", "max_arg_bytes", "asyncio_sync_threads", "asyncio_blocking_ms"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be positive, got {getattr(self, name)!r}")
         if self.fetch_timeout_s <= 0:
             raise ConfigError(f"{_env_name('fetch_timeout_s')} must be positive, got {self.fetch_timeout_s!r}")
+        if self.asyncio_shutdown_grace_s < 0:
+            raise ConfigError(f"{_env_name('asyncio_shutdown_grace_s')} must be >= 0")
+        if self.webhook_backoff_max_s >= self.visibility_timeout_s:
+            raise ConfigError(
+                f"{_env_name('webhook_backoff_max_s')}={self.webhook_backoff_max_s} must be below "
+                f"{_env_name('visibility_timeout_s')}: a retry waiting longer is redelivered early (celery #5935)"
+            )
         if self.webhook_max_retries < 0:
             raise ConfigError(f"{_env_name('webhook_max_retries')} must be >= 0, got {self.webhook_max_retries!r}")
         if self.task_soft_time_limit_s >= self.task_time_limit_s:

@@ -47,13 +47,13 @@ def cmd_redis(args: argparse.Namespace) -> int:
 # -- worker -----------------------------------------------------------------------------------------------
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.launcher import exec_worker, worker_command
+    from workers.launcher import exec_worker, worker_command, worker_env
 
     import config.celery_app  # noqa: F401 - fail here, with a one-line reason, rather than inside Celery
 
     argv = worker_command(args.pool, args.concurrency, queues=args.queues or (), loglevel=args.loglevel,
                           hostname=args.hostname, autoscale=args.autoscale)
-    exec_worker(argv)
+    exec_worker(argv, worker_env(args.pool))
 
 
 def _worker_help() -> str:

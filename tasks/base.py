@@ -1,21 +1,50 @@
-"""The base class of loopline's tasks: checks a job at ``.delay()`` so bad input fails where it is made."""
+"""Task base classes: coroutine-aware tasks for every pool, and loopline's validated I/O tasks."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from typing import Any
 
 from celery import Task
+from celery._state import _task_stack
 
 from config.celery_app import settings
 from tasks.errors import InvalidJob, JobTooLarge
+from workers.bridge import on_loop, resolve
 
-__all__ = ["IOTask"]
+__all__ = ["IOTask", "LooplineTask"]
 
 
-class IOTask(Task):
-    """A Celery task whose arguments are validated and size-checked before the message is sent.
+class LooplineTask(Task):
+    """The app's default task class: an ``async def`` task runs to completion under any pool.
+
+    Stock Celery returns the un-run coroutine of an ``async def`` task (celery #3884, #6552). Here the
+    asyncio pool awaits it on its loop, and the other pools run it on a bridge loop
+    (:func:`workers.bridge.resolve`). A task with an ``async_body`` runs that body instead of ``run``
+    on the asyncio pool, so one task name has a sync body for sync pools and an async one for asyncio.
+    """
+
+    abstract = True
+    async_body: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # celery.app.task.Task.__call__, plus the choice of body and the awaiting of its result. The tracer
+        # calls this (celery.app.trace.build_tracer: ``fun = task if task_has_custom(task, '__call__')``).
+        _task_stack.push(self)
+        self.push_request(args=args, kwargs=kwargs)
+        try:
+            body = self.async_body if self.async_body is not None and on_loop() else self.run
+            result = body(*args, **kwargs)
+            return resolve(result) if inspect.isawaitable(result) else result
+        finally:
+            self.pop_request()
+            _task_stack.pop()
+
+
+class IOTask(LooplineTask):
+    """A task whose arguments are validated and size-checked before the message is sent.
 
     ``validate`` (set per task through ``@app.task(validate=...)``) receives the call's arguments and
     raises :class:`InvalidJob`; the same core runs again in the worker, so a message that bypassed

@@ -1,12 +1,18 @@
-"""The three I/O tasks: ``fetch_url``, ``deliver_webhook`` and ``io_sleep``."""
+"""The three I/O tasks: ``fetch_url``, ``deliver_webhook`` and ``io_sleep``.
+
+Each has a sync body (requests, time.sleep) for prefork, threads, gevent and solo, and an async body
+(aiohttp, asyncio.sleep) that the asyncio pool awaits; both go through the same spec, limits and
+result shape from ``tasks.specs``.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 from config.celery_app import app, settings
-from tasks import http_sync
+from tasks import http_async, http_sync
 from tasks.base import IOTask
 from tasks.errors import FetchFailed, WebhookRejected
 from tasks.specs import FetchRequest, SleepRequest, WebhookRequest, WebhookResult, now_s
@@ -32,7 +38,15 @@ def _webhook_spec(url: object, payload: object, secret: object = None, headers: 
     return WebhookRequest.build(settings, url, payload, secret, headers, timeout_s)
 
 
-@app.task(base=IOTask, bind=True, name="tasks.fetch_url", validate=staticmethod(_fetch_spec))
+# -- fetch_url --------------------------------------------------------------------------------------------
+
+async def _fetch_url_async(self: IOTask, url: str, *, method: str = "GET", headers: dict[str, str] | None = None,
+                           timeout_s: float | None = None, max_bytes: int | None = None) -> dict[str, Any]:
+    return (await http_async.fetch(_fetch_spec(url, method, headers, timeout_s, max_bytes))).as_dict()
+
+
+@app.task(base=IOTask, bind=True, name="tasks.fetch_url", validate=staticmethod(_fetch_spec),
+          async_body=_fetch_url_async)
 def fetch_url(
     self: IOTask,
     url: str,
@@ -46,8 +60,55 @@ def fetch_url(
     return http_sync.fetch(_fetch_spec(url, method, headers, timeout_s, max_bytes)).as_dict()
 
 
+# -- deliver_webhook --------------------------------------------------------------------------------------
+
+class _Attempt:
+    """One webhook delivery attempt: the request, its signed body and headers, and when it started."""
+
+    def __init__(self, req: WebhookRequest) -> None:
+        self.req = req
+        self.started_at, self.t0 = now_s(), time.perf_counter()
+        self.body = encode_payload(req.payload)
+        self.headers = {"Content-Type": "application/json", **req.headers,
+                        **signature_headers(req.secret, self.body)}
+
+    def settle(self, task: IOTask, outcome: tuple[int, str | None] | FetchFailed) -> dict[str, Any]:
+        """The result of a delivered attempt; otherwise raise: rejected, or retry with backoff."""
+        retry_after_s = None
+        if isinstance(outcome, FetchFailed):
+            problem: Exception = outcome
+        else:
+            status, retry_after = outcome
+            verdict = verdict_for_status(status)
+            if verdict is Verdict.DELIVERED:
+                return WebhookResult(
+                    url=self.req.url, status=status, attempts=task.request.retries + 1,
+                    elapsed_ms=round((time.perf_counter() - self.t0) * 1000, 3), started_at=self.started_at,
+                    finished_at=now_s(),
+                ).as_dict()
+            if verdict is Verdict.REJECTED:
+                raise WebhookRejected(f"POST {self.req.url} was rejected with {status}; not retried")
+            retry_after_s = parse_retry_after(retry_after)
+            problem = FetchFailed(f"POST {self.req.url} answered {status}")
+        delay_s = retry_delay_s(task.request.retries, base_s=settings.webhook_backoff_base_s,
+                                max_s=settings.webhook_backoff_max_s, retry_after_s=retry_after_s)
+        raise task.retry(exc=problem, countdown=delay_s, max_retries=settings.webhook_max_retries)
+
+
+async def _deliver_webhook_async(self: IOTask, url: str, payload: Any, *, secret: str | None = None,
+                                 headers: dict[str, str] | None = None,
+                                 timeout_s: float | None = None) -> dict[str, Any]:
+    attempt = _Attempt(_webhook_spec(url, payload, secret, headers, timeout_s))
+    try:
+        outcome: tuple[int, str | None] | FetchFailed = await http_async.post(attempt.req, attempt.body,
+                                                                              attempt.headers)
+    except FetchFailed as exc:
+        outcome = exc
+    return attempt.settle(self, outcome)
+
+
 @app.task(base=IOTask, bind=True, name="tasks.deliver_webhook", max_retries=None,
-          validate=staticmethod(_webhook_spec))
+          validate=staticmethod(_webhook_spec), async_body=_deliver_webhook_async)
 def deliver_webhook(
     self: IOTask,
     url: str,
@@ -62,34 +123,25 @@ def deliver_webhook(
     5xx, 408, 429, timeouts and connection errors are retried with jittered exponential backoff
     (429 waits for ``Retry-After``) up to ``LOOPLINE_WEBHOOK_MAX_RETRIES`` times; other 4xx fail at once.
     """
-    req = _webhook_spec(url, payload, secret, headers, timeout_s)
-    started_at, t0 = now_s(), time.perf_counter()
-    body = encode_payload(req.payload)
-    send_headers = {"Content-Type": "application/json", **req.headers, **signature_headers(req.secret, body)}
-    retry_after_s = None
+    attempt = _Attempt(_webhook_spec(url, payload, secret, headers, timeout_s))
     try:
-        response = http_sync.post(req, body, send_headers)
+        outcome: tuple[int, str | None] | FetchFailed = http_sync.post(attempt.req, attempt.body, attempt.headers)
     except FetchFailed as exc:
-        problem: Exception = exc
-    else:
-        verdict = verdict_for_status(response.status_code)
-        if verdict is Verdict.DELIVERED:
-            return WebhookResult(
-                url=req.url, status=response.status_code, attempts=self.request.retries + 1,
-                elapsed_ms=round((time.perf_counter() - t0) * 1000, 3), started_at=started_at, finished_at=now_s(),
-            ).as_dict()
-        if verdict is Verdict.REJECTED:
-            raise WebhookRejected(f"POST {req.url} was rejected with {response.status_code}; not retried")
-        retry_after_s = parse_retry_after(response.headers.get("retry-after"))
-        problem = FetchFailed(f"POST {req.url} answered {response.status_code}")
-    delay_s = retry_delay_s(
-        self.request.retries, base_s=settings.webhook_backoff_base_s, max_s=settings.webhook_backoff_max_s,
-        retry_after_s=retry_after_s,
-    )
-    raise self.retry(exc=problem, countdown=delay_s, max_retries=settings.webhook_max_retries)
+        outcome = exc
+    return attempt.settle(self, outcome)
 
 
-@app.task(base=IOTask, bind=True, name="tasks.io_sleep", validate=staticmethod(SleepRequest.build))
+# -- io_sleep ---------------------------------------------------------------------------------------------
+
+async def _io_sleep_async(self: IOTask, ms: float) -> dict[str, Any]:
+    req = SleepRequest.build(ms)
+    started_at = now_s()
+    await asyncio.sleep(req.ms / 1000)
+    return req.result(started_at)
+
+
+@app.task(base=IOTask, bind=True, name="tasks.io_sleep", validate=staticmethod(SleepRequest.build),
+          async_body=_io_sleep_async)
 def io_sleep(self: IOTask, ms: float) -> dict[str, Any]:
     """Wait ``ms`` milliseconds: pure latency, the synthetic job for measuring a pool."""
     req = SleepRequest.build(ms)

@@ -13,11 +13,11 @@ from tasks.errors import BodyTooLarge, FetchFailed
 from tasks.specs import FetchRequest, FetchResult, WebhookRequest, now_s
 from tasks.urlguard import UrlRefused, resolve_and_check
 
-__all__ = ["MAX_REDIRECTS", "fetch", "post"]
+__all__ = ["CHUNK_BYTES", "MAX_REDIRECTS", "REDIRECT_CODES", "fetch", "post"]
 
 MAX_REDIRECTS = 10
 CHUNK_BYTES = 64 * 1024
-_REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 _local = threading.local()
 
 
@@ -47,7 +47,7 @@ def fetch(req: FetchRequest) -> FetchResult:
         except requests.RequestException as exc:
             raise FetchFailed(f"{method} {url} failed: {exc.__class__.__name__}: {exc}") from None
         with response:
-            if response.status_code in _REDIRECT_CODES and "location" in response.headers:
+            if response.status_code in REDIRECT_CODES and "location" in response.headers:
                 url = urljoin(url, response.headers["location"])
                 if response.status_code == 303 or (response.status_code in (301, 302) and method == "POST"):
                     method = "GET"
@@ -67,15 +67,15 @@ def fetch(req: FetchRequest) -> FetchResult:
     raise FetchFailed(f"{req.url}: more than {MAX_REDIRECTS} redirects")
 
 
-def post(req: WebhookRequest, body: bytes, headers: dict[str, str]) -> requests.Response:
-    """POST one webhook attempt; the caller decides from the status whether to retry. No redirects."""
+def post(req: WebhookRequest, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
+    """POST one webhook attempt; returns (status, Retry-After header). No redirects."""
     _guard(req.url, req)
     try:
-        response = _session().post(req.url, data=body, headers=headers, timeout=req.timeout_s, allow_redirects=False)
+        with _session().post(req.url, data=body, headers=headers, timeout=req.timeout_s,
+                             allow_redirects=False) as response:
+            return response.status_code, response.headers.get("retry-after")
     except requests.RequestException as exc:
         raise FetchFailed(f"POST {req.url} failed: {exc.__class__.__name__}: {exc}") from None
-    response.close()
-    return response
 
 
 def _guard(url: str, req: FetchRequest | WebhookRequest) -> None:

@@ -1,0 +1,183 @@
+"""Bridges between Celery's synchronous task tracer and coroutines.
+
+Two directions:
+
+- On the asyncio pool, Celery's tracer (``celery.app.trace.build_tracer``: signals, states, retries,
+  result storage) runs inside a greenlet on the event-loop thread. When the task body produces a
+  coroutine, :func:`await_only` hands it to the loop and switches out; the loop awaits it and switches
+  back with the result. Every task keeps Celery's full behaviour while hundreds run interleaved on
+  one thread, and ``self.request`` stays right for each one: Celery's request stack
+  (``celery.utils.threads.LocalStack``) is keyed by ``greenlet.getcurrent``.
+- On every other pool, :func:`resolve` runs a coroutine to completion on a per-process event loop in a
+  background thread; under gevent the waiting greenlet yields to the hub instead of blocking it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import threading
+import time
+import types
+from collections.abc import Awaitable, Callable, Generator
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import greenlet
+
+__all__ = ["Interrupt", "LoopGreenlet", "await_only", "drive", "on_loop", "resolve", "run_in_greenlet"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class LoopGreenlet(greenlet.greenlet):
+    """A greenlet that runs one task's tracer on the event-loop thread."""
+
+    task_label = "?"
+
+
+def on_loop() -> bool:
+    """True inside a task run by the asyncio pool, where :func:`await_only` may be used."""
+    return isinstance(greenlet.getcurrent(), LoopGreenlet)
+
+
+def await_only(awaitable: Awaitable[T]) -> T:
+    """Wait for ``awaitable`` from synchronous code running in a :class:`LoopGreenlet`."""
+    current = greenlet.getcurrent()
+    if not isinstance(current, LoopGreenlet):
+        raise RuntimeError("await_only() called outside a task of the asyncio pool")
+    return current.parent.switch(awaitable)  # type: ignore[no-any-return,union-attr]
+
+
+async def run_in_greenlet(
+    fn: Callable[..., T],
+    *args: Any,
+    label: str = "?",
+    wrap: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None,
+    **kwargs: Any,
+) -> T:
+    """Run sync ``fn`` in a new LoopGreenlet, awaiting on its behalf whatever it passes to await_only.
+
+    ``wrap`` decorates each awaitable before it is awaited (the pool passes :func:`drive`).
+    """
+    glet = LoopGreenlet(fn)
+    glet.task_label = label
+    request = glet.switch(*args, **kwargs)
+    while not glet.dead:
+        try:
+            value = await (wrap(request) if wrap is not None else request)
+        except BaseException:  # noqa: BLE001 - CancelledError and time limits go back into the task too
+            request = glet.throw(*sys.exc_info())
+        else:
+            request = glet.switch(value)
+    return request  # type: ignore[no-any-return]
+
+
+class Interrupt:
+    """A one-shot exception to raise inside a coroutine at its current ``await`` instead of CancelledError."""
+
+    def __init__(self) -> None:
+        self.pending: BaseException | None = None
+
+
+@types.coroutine
+def drive(awaitable: Awaitable[T], interrupt: Interrupt, label: str, blocking_ms: float) -> Generator[Any, Any, T]:
+    """Await ``coro`` step by step, like asyncio.Task does, adding two things.
+
+    - When the surrounding task is cancelled while ``interrupt.pending`` holds an exception, that
+      exception (e.g. SoftTimeLimitExceeded) is thrown into ``coro`` instead, so the task can catch it
+      and clean up; the cancellation is withdrawn (``Task.uncancel``).
+    - Each synchronous step is timed: one that holds the loop longer than ``blocking_ms`` is logged
+      with the task's name, since it stalled every other task in the process.
+    """
+    coro = awaitable.__await__()
+    send_value: Any = None
+    throw: BaseException | None = None
+    while True:
+        started = time.perf_counter()
+        try:
+            yielded = coro.throw(throw) if throw is not None else coro.send(send_value)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        finally:
+            held_ms = (time.perf_counter() - started) * 1000
+            if held_ms > blocking_ms:
+                logger.warning("%s blocked the event loop for %.0f ms", label, held_ms)
+        try:
+            send_value, throw = (yield yielded), None
+        except asyncio.CancelledError as exc:
+            if interrupt.pending is None:
+                throw = exc
+            else:
+                throw, interrupt.pending = interrupt.pending, None
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+        except BaseException as exc:  # noqa: BLE001 - forwarded into the coroutine, as asyncio.Task does
+            throw = exc
+
+
+class _BackgroundLoop:
+    """One event loop per process in a daemon thread, for coroutines of tasks on non-asyncio pools."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = 0
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            # A prefork child inherits the parent's object but not its thread: start a fresh loop.
+            if self._loop is None or self._pid != os.getpid():
+                self._loop, self._pid = asyncio.new_event_loop(), os.getpid()
+                thread = _real_thread_class()(target=self._loop.run_forever, name="loopline-bridge", daemon=True)
+                thread.start()
+            return self._loop
+
+
+def _real_thread_class() -> type[threading.Thread]:
+    # Under gevent, threading.Thread is patched into a greenlet; the bridge needs a real OS thread.
+    if "gevent.monkey" in sys.modules:
+        from gevent import monkey
+
+        if monkey.is_module_patched("threading"):
+            return monkey.get_original("threading", "Thread")  # type: ignore[no-any-return]
+    return threading.Thread
+
+
+_background = _BackgroundLoop()
+
+
+def resolve(awaitable: Awaitable[T]) -> T:
+    """Run ``awaitable`` to completion from synchronous task code, on any pool."""
+    if on_loop():
+        return await_only(awaitable)
+    future: Future[T] = asyncio.run_coroutine_threadsafe(_as_coroutine(awaitable), _background.loop())
+    if "gevent" in sys.modules and _gevent_patched():
+        return _wait_gevent(future)
+    return future.result()
+
+
+async def _as_coroutine(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def _gevent_patched() -> bool:
+    from gevent import monkey
+
+    return bool(monkey.is_module_patched("socket"))
+
+
+def _wait_gevent(future: Future[T]) -> T:
+    """Wait for a future completed by another OS thread without blocking the gevent hub."""
+    import gevent.event
+    from gevent import get_hub
+
+    done = gevent.event.AsyncResult()
+    hub_loop = get_hub().loop
+    future.add_done_callback(lambda f: hub_loop.run_callback_threadsafe(done.set, None))
+    done.get()
+    return future.result()
