@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,7 +18,8 @@ from bench.runner import PoolResult, Workload, run_pool
 __all__ = ["DEFAULT_CONCURRENCY", "add_bench_arguments", "parse_concurrency", "run_from_args"]
 
 DEFAULT_CONCURRENCY = {"prefork": 8, "threads": 100, "gevent": 200, "solo": 1}
-console = Console()
+# A fixed width when piped (CI logs, README), so the table is never squeezed into 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 150)
 
 
 def parse_concurrency(spec: str | None, pools: list[str]) -> dict[str, int]:

@@ -18,6 +18,7 @@ from bench.procs import Child, start_worker
 __all__ = ["JobsMissing", "PoolResult", "Workload", "run_pool"]
 
 POLL_INTERVAL_S = 0.2
+READY_POLL_S = 0.02
 MGET_CHUNK = 500
 
 
@@ -137,9 +138,14 @@ def run_pool(
     sampler.start()
     backend = app.backend
     last_change = time.monotonic()
+    baseline_cpu_s: float | None = None
     try:
         while pending:
-            time.sleep(POLL_INTERVAL_S)
+            if baseline_cpu_s is None and " ready." in worker.log_text():
+                # CPU spent booting the worker is not the pool's cost per job.
+                sampler.sample()
+                baseline_cpu_s = sum(sampler.cpu_by_pid.values())
+            time.sleep(POLL_INTERVAL_S if baseline_cpu_s is not None else READY_POLL_S)
             done_now = _collect(backend, pending, result, started)
             if done_now:
                 last_change = time.monotonic()
@@ -152,7 +158,7 @@ def run_pool(
     finally:
         sampler.stop()
         worker.stop()
-    result.cpu_s = sum(sampler.cpu_by_pid.values())
+    result.cpu_s = sum(sampler.cpu_by_pid.values()) - (baseline_cpu_s or 0.0)
     result.peak_rss_mb = sampler.peak_rss / 2**20
     if started and result.finished_at:
         result.wall_s = max(result.finished_at) - min(started)

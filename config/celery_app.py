@@ -70,7 +70,9 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
     result_expires=settings.result_expires_s,
     result_extended=True,
-    task_track_started=True,
+    # STARTED is not written to the result backend: Flower and `inspect active` see it from the
+    # task-started event, and the backend write would cost a GET and a SET+PUBLISH per job.
+    task_track_started=False,
     worker_send_task_events=True,
     task_send_sent_event=True,
     worker_prefetch_multiplier=1,

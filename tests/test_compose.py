@@ -28,7 +28,7 @@ import yaml
 from jsonschema import Draft7Validator
 
 from loopline.cli import build_parser
-from workers.launcher import POOLS, worker_command
+from workers.launcher import POOLS, worker_command, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -113,7 +113,19 @@ def check_command(argv: list[str]) -> None:
             execs = worker_command(args.pool, args.concurrency, queues=args.queues or (), loglevel=args.loglevel,
                                    hostname=args.hostname, autoscale=args.autoscale)
             assert execs[:3] == [sys.executable, "-m", "celery"], f"loopline worker no longer execs celery: {execs}"
-            check_celery(["celery", *execs[3:]])
+            # `-P custom` (the asyncio pool) resolves through the variable the launcher sets; celery.concurrency
+            # reads it into ALIASES when first imported, so the already-imported module is given it here.
+            from celery import concurrency
+
+            custom = worker_env(args.pool).get("CELERY_CUSTOM_WORKER_POOL")
+            saved = dict(concurrency.ALIASES)
+            if custom:
+                concurrency.ALIASES["custom"] = custom
+            try:
+                check_celery(["celery", *execs[3:]])
+            finally:
+                concurrency.ALIASES.clear()
+                concurrency.ALIASES.update(saved)
     elif program == "celery":
         check_celery(argv)
     elif program == "redis-server":

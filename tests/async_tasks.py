@@ -1,0 +1,122 @@
+"""Test-only tasks for the asyncio pool and the bridge; workers import them with ``CELERY_WORKER_INCLUDE``.
+
+Celery's command line reads every ``celery worker`` option from ``CELERY_WORKER_<OPTION>`` too (click's
+``auto_envvar_prefix="CELERY"``), so ``loopline worker`` picks this module up from its environment.
+Executions are recorded in the test session's Redis so a test can tell whether a body ran and how often.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from typing import Any
+
+import aiohttp
+import redis
+from celery import Task, current_task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from config.celery_app import app
+
+__all__ = [
+    "always_value_error",
+    "async_fetch",
+    "blocker",
+    "context_probe",
+    "hard_sleep",
+    "marked_sleep",
+    "retry_twice",
+    "soft_cleanup",
+    "sync_nap",
+]
+
+_clients: dict[int, redis.Redis] = {}
+
+
+def store() -> redis.Redis:
+    """A Redis client for this process (a prefork child gets its own)."""
+    client = _clients.get(os.getpid())
+    if client is None:
+        client = _clients[os.getpid()] = redis.Redis.from_url(os.environ["LOOPLINE_BROKER_URL"])
+    return client
+
+
+def _snapshot(task: Task) -> dict[str, Any]:
+    current = current_task.request.id if current_task else None
+    return {"id": task.request.id, "retries": task.request.retries, "args": list(task.request.args or ()),
+            "current_id": current}
+
+
+@app.task(bind=True, name="async_tasks.context_probe")
+async def context_probe(self: Task, n: int) -> dict[str, Any]:
+    before = _snapshot(self)
+    await asyncio.sleep(random.uniform(0, 0.2))
+    return {"n": n, "before": before, "after": _snapshot(self)}
+
+
+@app.task(name="async_tasks.sync_nap")
+def sync_nap(s: float) -> dict[str, float]:
+    started_at = time.time()
+    time.sleep(s)
+    return {"started_at": started_at, "finished_at": time.time()}
+
+
+@app.task(bind=True, name="async_tasks.retry_twice")
+async def retry_twice(self: Task) -> dict[str, Any]:
+    await asyncio.sleep(0.01)
+    if self.request.retries < 2:
+        raise self.retry(countdown=0.1)
+    return {"retries": self.request.retries, "id": self.request.id}
+
+
+@app.task(name="async_tasks.always_value_error", autoretry_for=(ValueError,), retry_backoff=False, max_retries=2,
+          default_retry_delay=0.1)
+async def always_value_error(key: str) -> None:
+    store().incr(key)
+    await asyncio.sleep(0.01)
+    raise ValueError(f"attempt failed ({key})")
+
+
+@app.task(name="async_tasks.soft_cleanup", soft_time_limit=1, time_limit=3)
+async def soft_cleanup() -> str:
+    try:
+        await asyncio.sleep(10)
+    except SoftTimeLimitExceeded:
+        await asyncio.sleep(0.01)
+        return "cleaned up"
+    return "slept through the soft limit"
+
+
+@app.task(name="async_tasks.hard_sleep", time_limit=1)
+async def hard_sleep() -> str:
+    await asyncio.sleep(10)
+    return "slept through the hard limit"
+
+
+@app.task(name="async_tasks.marked_sleep")
+async def marked_sleep(s: float, key: str | None = None) -> dict[str, float]:
+    """Sleep ``s`` seconds; with ``key``, first count the execution in Redis."""
+    if key is not None:
+        store().incr(key)
+    started_at = time.time()
+    await asyncio.sleep(s)
+    return {"started_at": started_at, "finished_at": time.time()}
+
+
+@app.task(name="async_tasks.blocker")
+async def blocker() -> str:
+    time.sleep(0.3)  # deliberately blocking: the pool must report it
+    await asyncio.sleep(0)
+    return "blocked"
+
+
+@app.task(name="async_tasks.async_fetch")
+async def async_fetch(url: str, pause_s: float = 0.0) -> dict[str, Any]:
+    """An ``async def`` task doing real I/O: an aiohttp GET, then an optional pause."""
+    started_at = time.time()
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        body = await response.read()
+    await asyncio.sleep(pause_s)
+    return {"status": response.status, "bytes": len(body), "started_at": started_at, "finished_at": time.time()}
