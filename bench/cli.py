@@ -17,7 +17,7 @@ from bench.runner import PoolResult, Workload, run_pool
 
 __all__ = ["DEFAULT_CONCURRENCY", "add_bench_arguments", "parse_concurrency", "run_from_args"]
 
-DEFAULT_CONCURRENCY = {"prefork": 8, "threads": 100, "gevent": 200, "solo": 1}
+DEFAULT_CONCURRENCY = {"prefork": 8, "threads": 100, "gevent": 200, "asyncio": 200, "solo": 1}
 # A fixed width when piped (CI logs, README), so the table is never squeezed into 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 150)
 
@@ -40,7 +40,7 @@ def parse_concurrency(spec: str | None, pools: list[str]) -> dict[str, int]:
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     from workers.launcher import POOLS
 
-    p.add_argument("--pools", default="prefork,threads,gevent",
+    p.add_argument("--pools", default="prefork,threads,gevent,asyncio",
                    help=f"comma-separated pools to compare, from {','.join(POOLS)} (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=300, help="jobs per pool (default: %(default)s)")
     p.add_argument("--latency-ms", type=float, default=100.0, help="target server response time (default: 100)")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,6 +16,7 @@ __all__ = ["ConfigError", "PREFIX", "Settings", "redact_url"]
 PREFIX = "LOOPLINE_"
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _BROKER_SCHEMES = (*_REDIS_SCHEMES, "amqp", "amqps", "pyamqp")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
 class ConfigError(ValueError):
@@ -68,6 +71,9 @@ class Settings:
                 raise ConfigError(f"{_env_name(name)} must be positive, got {getattr(self, name)!r}")
         if self.fetch_timeout_s <= 0:
             raise ConfigError(f"{_env_name('fetch_timeout_s')} must be positive, got {self.fetch_timeout_s!r}")
+        for name in ("webhook_backoff_base_s", "webhook_backoff_max_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_env_name(name)} must be positive, got {getattr(self, name)!r}")
         if self.asyncio_shutdown_grace_s < 0:
             raise ConfigError(f"{_env_name('asyncio_shutdown_grace_s')} must be >= 0")
         if self.webhook_backoff_max_s >= self.visibility_timeout_s:
@@ -93,8 +99,10 @@ class Settings:
             _check_url("broker_url", self.broker_url, _BROKER_SCHEMES)
         if self.result_backend is not None:
             _check_url("result_backend", self.result_backend, _REDIS_SCHEMES)
-        if self.flower_auth is not None and ":" not in self.flower_auth:
-            raise ConfigError(f"{_env_name('flower_auth')} must look like user:password")
+        if self.flower_auth is not None:
+            user, _, password = self.flower_auth.partition(":")
+            if not user or not password:
+                raise ConfigError(f"{_env_name('flower_auth')} must look like user:password, both non-empty")
         for entry in self.url_allowlist:
             _check_allow_entry(entry)
 
@@ -116,7 +124,10 @@ def _parse(name: str, type_: object, raw: str) -> object:
         if type_s == "int":
             return int(raw)
         if type_s == "float":
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(raw)
+            return value
         if type_s == "Path":
             return Path(raw).expanduser()
         if type_s.startswith("tuple"):
@@ -141,5 +152,5 @@ def _check_allow_entry(entry: str) -> None:
     except ValueError:
         pass
     host = entry.rstrip(".")
-    if not host or any(not part or len(part) > 63 for part in host.split(".")) or " " in host or "/" in host:
+    if not _HOST_NAME.fullmatch(host) or any(len(part) > 63 for part in host.split(".")):
         raise ConfigError(f"{_env_name('url_allowlist')} entry {entry!r} is neither an IP, a CIDR nor a host name")

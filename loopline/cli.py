@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from config.settings import ConfigError, Settings, redact_url
 
 __all__ = ["build_parser", "main"]
 
-console = Console(stderr=True)
+# soft_wrap: an error stays one line whatever the terminal width (or none, when piped).
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _settings() -> Settings:
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command line; tests and the docker-compose check parse commands with it."""
     parser = argparse.ArgumentParser(
         prog="loopline",
-        description="Run I/O-bound jobs through Celery under the pool that fits: prefork, threads, gevent.\n"
+        description="Run I/O-bound jobs through Celery under the pool that fits: prefork, threads, gevent, asyncio.\n"
                     "With LOOPLINE_BROKER_URL unset every command uses the Redis that `loopline redis up` starts.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -185,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code: Any = args.func(args)
-    except (ConfigError, ValueError) as exc:
-        console.print(f"[red]loopline {args.command}: error:[/] {exc}")
+    except (ConfigError, ValueError, OSError, RuntimeError) as exc:
+        console.print(f"[red]loopline {args.command}: error:[/] {escape(str(exc))}")
         code = 2
     except KeyboardInterrupt:
         code = 130

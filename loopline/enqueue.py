@@ -27,7 +27,10 @@ class Job:
 
 
 def _lines(path: Path) -> list[str]:
-    text = path.read_text() if str(path) != "-" else sys.stdin.read()
+    try:
+        text = path.read_text() if str(path) != "-" else sys.stdin.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read --file {path}: {exc.strerror or exc}") from None
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -54,15 +57,18 @@ def jobs_from_args(task: str, values: Sequence[str], file: Path | None = None, p
 
 
 def send(jobs: Iterable[Job], queue: str | None = None) -> list[AsyncResult]:
-    """Send every job over one producer connection; a bad job raises before anything after it is sent."""
+    """Send every job over one producer connection; if any job is bad, none is sent."""
     import tasks
     from config.celery_app import app
 
+    batch = [(getattr(tasks, job.task), job) for job in jobs]
+    for task, job in batch:
+        task.check_job(job.args, job.kwargs)
     results = []
     options = {"queue": queue} if queue else {}
     with app.producer_or_acquire() as producer:
-        for job in jobs:
-            results.append(getattr(tasks, job.task).apply_async(job.args, job.kwargs, producer=producer, **options))
+        for task, job in batch:
+            results.append(task.apply_async(job.args, job.kwargs, producer=producer, **options))
     return results
 
 

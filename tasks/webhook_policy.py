@@ -49,7 +49,10 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
 
 def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
     """What a receiver runs: constant-time comparison of the expected and the given signature."""
-    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+    try:
+        return hmac.compare_digest(sign(secret, timestamp, body).encode(), signature.encode())
+    except (UnicodeEncodeError, AttributeError):
+        return False
 
 
 def signature_headers(secret: str | None, body: bytes, now_s: float | None = None) -> dict[str, str]:
@@ -74,7 +77,7 @@ def parse_retry_after(value: str | None, now_s: float | None = None) -> float | 
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -99,5 +102,6 @@ def retry_delay_s(
     """
     if retry_after_s is not None:
         return min(max(retry_after_s, 0.0), max_s)
-    ceiling = min(max_s, base_s * (2**retries))
+    # The exponent is clamped: 2.0**1100 overflows a float, and the cap is reached long before.
+    ceiling = min(max_s, base_s * (2.0 ** min(retries, 64)))
     return (rng or random).uniform(ceiling / 2, ceiling)

@@ -208,16 +208,12 @@ def test_bad_url_exits_2_with_an_error_and_no_traceback(redis_url: str, queue: s
 
 
 @pytest.mark.parametrize("url", ["ftp://x", "ftp://x/" + "a" * 120])
-@pytest.mark.xfail(strict=True, reason="main() prints errors with a rich Console, which wraps at 80 columns when "
-                                       "stderr is not a terminal: the error spans several lines")
 def test_bad_url_error_is_one_line(url: str) -> None:
     result = run_cli("enqueue", "fetch_url", url)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="main() interpolates the exception text into rich markup unescaped: '[/]' "
-                                       "in a URL raises MarkupError (traceback, exit 1), '[bold]' vanishes")
 @pytest.mark.parametrize("url", ["ftp://x/[/]", "ftp://x/[bold]y"])
 def test_error_message_shows_the_input_verbatim(url: str) -> None:
     result = run_cli("enqueue", "fetch_url", url)
@@ -226,8 +222,6 @@ def test_error_message_shows_the_input_verbatim(url: str) -> None:
     assert url in one_line(result.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason="jobs_from_args reads --file with Path.read_text; FileNotFoundError is not "
-                                       "a ValueError, so main() lets it escape as a traceback with exit 1")
 def test_missing_url_file_is_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "missing.txt"
     result = run_cli("enqueue", "fetch_url", "--file", str(missing))
@@ -236,9 +230,6 @@ def test_missing_url_file_is_a_clear_error(tmp_path: Path) -> None:
     assert str(missing) in one_line(result.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason="send() validates each job inside apply_async, so the good jobs before a "
-                                       "bad one are already queued when the command exits 2, and their ids are "
-                                       "never printed")
 def test_a_bad_url_among_good_ones_enqueues_nothing(redis_url: str, queue: str, target_url: str) -> None:
     result = run_cli("enqueue", "fetch_url", f"{target_url}/job", "ftp://x", "--queue", queue)
     assert result.returncode == 2

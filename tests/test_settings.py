@@ -178,8 +178,6 @@ def test_allowlist_entries_accepted(entry: str) -> None:
         ({"LOOPLINE_FETCH_TIMEOUT_S": "nan"}, "LOOPLINE_FETCH_TIMEOUT_S"),
     ],
 )
-@pytest.mark.xfail(strict=True, reason="Settings._check never checks webhook_backoff_base_s/max_s, and NaN passes "
-                                       "`<= 0` checks; a negative backoff becomes a negative retry countdown")
 def test_negative_or_nan_durations_are_refused(env: dict[str, str], variable: str) -> None:
     with pytest.raises(ConfigError, match=variable):
         Settings.from_env(env)
@@ -197,16 +195,12 @@ def test_the_url_guard_rejects_these_entries(entry: str) -> None:
 
 
 @pytest.mark.parametrize("entry", GUARD_REJECTS)
-@pytest.mark.xfail(strict=True, reason="_check_allow_entry is looser than tasks.urlguard.Allowlist.parse: the entry "
-                                       "passes start-up and every job then fails with ValueError")
 def test_allowlist_entry_the_url_guard_rejects_fails_at_start_up(entry: str) -> None:
     with pytest.raises(ConfigError, match="LOOPLINE_URL_ALLOWLIST"):
         Settings.from_env({"LOOPLINE_URL_ALLOWLIST": entry})
 
 
 @pytest.mark.parametrize("auth", [":", "admin:", ":s3cret"])
-@pytest.mark.xfail(strict=True, reason="only the presence of ':' is checked, so an empty user or an empty password "
-                                       "turns on Flower basic auth that anyone can pass")
 def test_flower_auth_with_an_empty_part_is_refused(auth: str) -> None:
     with pytest.raises(ConfigError, match="LOOPLINE_FLOWER_AUTH"):
         Settings.from_env({"LOOPLINE_FLOWER_AUTH": auth})
