@@ -81,10 +81,18 @@ def _ensure_broker(stack: ExitStack) -> None:
     os.environ["LOOPLINE_BROKER_URL"] = url
 
 
+def _allow_loopback() -> None:
+    """The benchmark's target listens on 127.0.0.1, which the URL guard refuses unless allowlisted."""
+    entries = [e for e in os.environ.get("LOOPLINE_URL_ALLOWLIST", "").split(",") if e.strip()]
+    if "127.0.0.1" not in entries:
+        os.environ["LOOPLINE_URL_ALLOWLIST"] = ",".join([*entries, "127.0.0.1"])
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     pools, concurrency = _check(args)
     from bench.procs import start_target
 
+    _allow_loopback()
     results: list[PoolResult] = []
     with ExitStack() as stack:
         _ensure_broker(stack)

@@ -119,13 +119,18 @@ class TaskPool(BasePool):
         from config.celery_app import settings
 
         self.settings = settings
-        self.slots = Slots(self.limit or 100)
+        self.limit = self.limit or 100
+        self.slots = Slots(self.limit)
         self.loop = _new_loop()
         self.executor = ThreadPoolExecutor(max_workers=settings.asyncio_sync_threads,
                                            thread_name_prefix="loopline-sync")
         self.jobs: set[Job] = set()
         self.loop_lag_ms = 0.0
+        # The worker's task_soft_time_limit / task_time_limit; Request passes only per-task or per-message ones.
+        self.default_soft_s: float | None = self.options.get("soft_timeout")
+        self.default_hard_s: float | None = self.options.get("timeout")
         self._thread: threading.Thread | None = None
+        self._probe: asyncio.Task[None] | None = None
         self._async_cache: dict[str, bool] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -138,7 +143,7 @@ class TaskPool(BasePool):
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.create_task(self._probe_lag())
+        self._probe = self.loop.create_task(self._probe_lag())
         self.loop.run_forever()
 
     def on_stop(self) -> None:
@@ -163,6 +168,8 @@ class TaskPool(BasePool):
         self._thread = None
 
     async def _drain(self, grace_s: float) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
         pending = [job.task for job in self.jobs if job.task is not None]
         if pending and grace_s > 0:
             logger.info("asyncio pool: waiting up to %.0f s for %d running tasks", grace_s, len(pending))
@@ -184,7 +191,7 @@ class TaskPool(BasePool):
                  accept_callback: Callable[..., Any] | None = None, timeout_callback: Callable[..., Any] | None = None,
                  soft_timeout: float | None = None, timeout: float | None = None, **_: Any) -> Job:
         job = Job(self, target, tuple(args or ()), dict(kwargs or {}), callback, accept_callback, timeout_callback,
-                  soft_timeout, timeout)
+                  soft_timeout or self.default_soft_s, timeout or self.default_hard_s)
         self.loop.call_soon_threadsafe(self._spawn, job)
         return job
 
@@ -279,10 +286,10 @@ class TaskPool(BasePool):
         """Jobs are cancelled through Job.terminate (Request.terminate calls both); no process to signal."""
 
     def grow(self, n: int = 1) -> None:
-        self._resize(self.slots.limit + n)
+        self._resize(self.limit + n)
 
     def shrink(self, n: int = 1) -> None:
-        self._resize(self.slots.limit - n)
+        self._resize(self.limit - n)
 
     def _resize(self, limit: int) -> None:
         self.limit = max(1, limit)

@@ -4,10 +4,11 @@ Two directions:
 
 - On the asyncio pool, Celery's tracer (``celery.app.trace.build_tracer``: signals, states, retries,
   result storage) runs inside a greenlet on the event-loop thread. When the task body produces a
-  coroutine, :func:`await_only` hands it to the loop and switches out; the loop awaits it and switches
-  back with the result. Every task keeps Celery's full behaviour while hundreds run interleaved on
-  one thread, and ``self.request`` stays right for each one: Celery's request stack
-  (``celery.utils.threads.LocalStack``) is keyed by ``greenlet.getcurrent``.
+  coroutine, :func:`await_only` steps it in that same greenlet and switches out only to pass what the
+  coroutine yields (a future) to the loop's asyncio Task, which switches back once it is done. Every
+  task keeps Celery's full behaviour while hundreds run interleaved on one thread, and ``self.request``
+  and ``current_task`` stay right for each one, inside the coroutine too: Celery's request and task
+  stacks (``celery.utils.threads.LocalStack``) are keyed by ``greenlet.getcurrent``.
 - On every other pool, :func:`resolve` runs a coroutine to completion on a per-process event loop in a
   background thread; under gevent the waiting greenlet yields to the hub instead of blocking it.
 """
@@ -34,9 +35,10 @@ T = TypeVar("T")
 
 
 class LoopGreenlet(greenlet.greenlet):
-    """A greenlet that runs one task's tracer on the event-loop thread."""
+    """A greenlet that runs one task's tracer, and the coroutines it awaits, on the event-loop thread."""
 
     task_label = "?"
+    wrap: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None
 
 
 def on_loop() -> bool:
@@ -49,7 +51,20 @@ def await_only(awaitable: Awaitable[T]) -> T:
     current = greenlet.getcurrent()
     if not isinstance(current, LoopGreenlet):
         raise RuntimeError("await_only() called outside a task of the asyncio pool")
-    return current.parent.switch(awaitable)  # type: ignore[no-any-return,union-attr]
+    # The coroutine's steps run here, in the task's own greenlet: stepped from the loop's main greenlet
+    # instead, its ``self.request`` and ``current_task`` would read an empty request stack.
+    steps = _steps(current.wrap(awaitable) if current.wrap is not None else awaitable)
+    send_value: Any = None
+    throw: BaseException | None = None
+    while True:
+        try:
+            yielded = steps.throw(throw) if throw is not None else steps.send(send_value)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        try:
+            send_value, throw = current.parent.switch(yielded), None  # type: ignore[union-attr]
+        except BaseException as exc:  # noqa: BLE001 - thrown in by the loop's Task: forwarded into the coroutine
+            throw = exc
 
 
 async def run_in_greenlet(
@@ -59,21 +74,34 @@ async def run_in_greenlet(
     wrap: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None,
     **kwargs: Any,
 ) -> T:
-    """Run sync ``fn`` in a new LoopGreenlet, awaiting on its behalf whatever it passes to await_only.
+    """Run sync ``fn`` in a new LoopGreenlet; what it awaits through await_only runs as part of this coroutine.
 
-    ``wrap`` decorates each awaitable before it is awaited (the pool passes :func:`drive`).
+    ``wrap`` decorates each awaitable before it is stepped (the pool passes :func:`drive`).
     """
     glet = LoopGreenlet(fn)
-    glet.task_label = label
-    request = glet.switch(*args, **kwargs)
+    glet.task_label, glet.wrap = label, wrap
+    return await _trampoline(glet, args, kwargs)  # type: ignore[no-any-return]
+
+
+@types.coroutine
+def _trampoline(glet: LoopGreenlet, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Generator[Any, Any, Any]:
+    """Pass what ``glet`` yields to the asyncio Task awaiting this, and what the Task sends back to ``glet``."""
+    yielded = glet.switch(*args, **kwargs)
     while not glet.dead:
         try:
-            value = await (wrap(request) if wrap is not None else request)
+            value = yield yielded
         except BaseException:  # noqa: BLE001 - CancelledError and time limits go back into the task too
-            request = glet.throw(*sys.exc_info())
+            yielded = glet.throw(*sys.exc_info())
         else:
-            request = glet.switch(value)
-    return request  # type: ignore[no-any-return]
+            yielded = glet.switch(value)
+    return yielded
+
+
+def _steps(awaitable: Awaitable[T]) -> Generator[Any, Any, T]:
+    # A @types.coroutine generator (drive's result) is awaitable through a code flag, without __await__.
+    if isinstance(awaitable, types.GeneratorType):
+        return awaitable
+    return awaitable.__await__()  # type: ignore[return-value]
 
 
 class Interrupt:
@@ -93,7 +121,7 @@ def drive(awaitable: Awaitable[T], interrupt: Interrupt, label: str, blocking_ms
     - Each synchronous step is timed: one that holds the loop longer than ``blocking_ms`` is logged
       with the task's name, since it stalled every other task in the process.
     """
-    coro = awaitable.__await__()
+    coro = _steps(awaitable)
     send_value: Any = None
     throw: BaseException | None = None
     while True:
