@@ -10,7 +10,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench.runner import PoolResult, Workload, run_pool
@@ -106,7 +106,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             for pool in pools:
                 bar = progress.add_task(pool, total=args.jobs, rate=0.0)
 
-                def advance(done: int, bar: int = bar) -> None:
+                def advance(done: int, bar: TaskID = bar) -> None:
                     progress.advance(bar, done)
                     elapsed = progress.tasks[bar].elapsed or 1.0
                     progress.update(bar, rate=progress.tasks[bar].completed / elapsed)

@@ -160,11 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop
 
-        run = uvloop.run
+        loop_factory = uvloop.new_event_loop
     except ImportError:
-        run = asyncio.run
+        loop_factory = asyncio.new_event_loop
     try:
-        run(_serve(config, args.port))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_serve(config, args.port))
     except KeyboardInterrupt:
         sys.exit(0)
 

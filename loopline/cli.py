@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from config.settings import ConfigError, Settings, redact_url
+from config.settings import ConfigError, Settings
 
 __all__ = ["build_parser", "main"]
 
@@ -31,9 +30,9 @@ def cmd_redis(args: argparse.Namespace) -> int:
 
     server = EmbeddedRedis(_settings().home.resolve())
     if args.action == "up":
-        status = server.up()
-        print(status.url)
-        console.print(f"Redis is up (pid {status.pid}, files in {status.home}); `loopline redis down` stops it.")
+        started = server.up()
+        print(started.url)
+        console.print(f"Redis is up (pid {started.pid}, files in {started.home}); `loopline redis down` stops it.")
     elif args.action == "down":
         console.print("stopped" if server.down() else "no loopline Redis was running")
     else:
@@ -49,9 +48,8 @@ def cmd_redis(args: argparse.Namespace) -> int:
 # -- worker -----------------------------------------------------------------------------------------------
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.launcher import exec_worker, worker_command, worker_env
-
     import config.celery_app  # noqa: F401 - fail here, with a one-line reason, rather than inside Celery
+    from workers.launcher import exec_worker, worker_command, worker_env
 
     argv = worker_command(args.pool, args.concurrency, queues=args.queues or (), loglevel=args.loglevel,
                           hostname=args.hostname, autoscale=args.autoscale)
