@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,9 +53,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import config.celery_app  # noqa: F401 - fail here, with a one-line reason, rather than inside Celery
     from workers.launcher import exec_worker, worker_command, worker_env
 
-    argv = worker_command(args.pool, args.concurrency, queues=args.queues or (), loglevel=args.loglevel,
-                          hostname=args.hostname, autoscale=args.autoscale)
-    exec_worker(argv, worker_env(args.pool))
+    def argv_for(index: int | None) -> list[str]:
+        hostname = args.hostname
+        if index is not None:
+            name, at, host = (hostname or f"{args.pool}-{os.getpid()}@%h").partition("@")
+            hostname = f"{name}-{index}{at}{host}"
+        return worker_command(args.pool, args.concurrency, queues=args.queues or (), loglevel=args.loglevel,
+                              hostname=hostname, autoscale=args.autoscale)
+
+    if args.processes == 1:
+        exec_worker(argv_for(None), worker_env(args.pool))
+    if args.pool in ("prefork", "solo"):
+        raise ValueError(f"--processes is for the in-process pools (asyncio, gevent, threads); {args.pool} "
+                         "already runs one process per slot or only one at all")
+    from workers.supervisor import Supervisor
+
+    logging.basicConfig(level=args.loglevel, format="[%(asctime)s: %(levelname)s/supervisor] %(message)s")
+    return Supervisor(argv_for, args.processes, worker_env(args.pool)).run()
 
 
 def _worker_help() -> str:
@@ -143,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                    type=str.upper)
     p.add_argument("--hostname", "-n", help="node name (default POOL-PID@HOST)")
     p.add_argument("--autoscale", metavar="MAX,MIN", help="let Celery grow/shrink the pool between MIN and MAX")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="run N worker processes (each with its own consumer and -c slots) under one supervisor "
+                        "that forwards signals and restarts a child that dies; for asyncio, gevent, threads "
+                        "(default: 1)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("enqueue", help="send jobs and print their ids (or results with --wait)",

@@ -57,19 +57,16 @@ def jobs_from_args(task: str, values: Sequence[str], file: Path | None = None, p
 
 
 def send(jobs: Iterable[Job], queue: str | None = None) -> list[AsyncResult]:
-    """Send every job over one producer connection; if any job is bad, none is sent."""
+    """Send every job in pipelined round trips; if any job is bad, none is sent."""
     import tasks
-    from config.celery_app import app
+    from tasks.producer import send_many
 
-    batch = [(getattr(tasks, job.task), job) for job in jobs]
-    for task, job in batch:
-        task.check_job(job.args, job.kwargs)
-    results = []
+    jobs = list(jobs)
+    if not jobs:
+        return []
+    task = getattr(tasks, jobs[0].task)
     options = {"queue": queue} if queue else {}
-    with app.producer_or_acquire() as producer:
-        for task, job in batch:
-            results.append(task.apply_async(job.args, job.kwargs, producer=producer, **options))
-    return results
+    return send_many(task, [(job.args, job.kwargs) for job in jobs], **options)
 
 
 def wait(results: Sequence[AsyncResult], timeout_s: float) -> list[tuple[str, str, Any]]:

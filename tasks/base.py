@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 from collections.abc import Callable
@@ -41,6 +42,14 @@ class LooplineTask(Task):
         finally:
             self.pop_request()
             _task_stack.pop()
+
+    async def delay_async(self, *args: Any, **kwargs: Any) -> Any:
+        """``delay`` for asyncio code: validates and sends on a worker thread, never blocking the loop."""
+        return await asyncio.to_thread(self.apply_async, args, kwargs)
+
+    async def apply_async_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """``apply_async`` for asyncio code (queue, countdown and other options as usual)."""
+        return await asyncio.to_thread(self.apply_async, args, kwargs, **options)
 
 
 class IOTask(LooplineTask):
