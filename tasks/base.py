@@ -15,7 +15,29 @@ from config.celery_app import settings
 from tasks.errors import InvalidJob, JobTooLarge
 from workers.bridge import on_loop, resolve
 
-__all__ = ["IOTask", "LooplineTask"]
+__all__ = ["IOTask", "LooplineTask", "is_coroutine_task"]
+
+
+def is_coroutine_task(task: Task) -> bool:
+    """True when the asyncio pool should await this task's body on its loop.
+
+    Looks behind Celery's autoretry wrapper (``celery.app.autoretry.add_autoretry_behaviour`` keeps the
+    task's own body as ``_orig_run``), and behind the sync view :class:`LooplineTask` gives it.
+    """
+    if getattr(task, "async_body", None) is not None:
+        return True
+    body = getattr(task, "_orig_run", None) or task.run
+    return inspect.iscoroutinefunction(getattr(body, "coroutine_function", body))
+
+
+class _AwaitingBody:
+    """A sync view of a coroutine body: calling it runs the coroutine to completion (see LooplineTask)."""
+
+    def __init__(self, coroutine_function: Callable[..., Any]) -> None:
+        self.coroutine_function = coroutine_function
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return resolve(self.coroutine_function(*args, **kwargs))
 
 
 class LooplineTask(Task):
@@ -33,6 +55,11 @@ class LooplineTask(Task):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # celery.app.task.Task.__call__, plus the choice of body and the awaiting of its result. The tracer
         # calls this (celery.app.trace.build_tracer: ``fun = task if task_has_custom(task, '__call__')``).
+        orig = self.__dict__.get("_orig_run")
+        if orig is not None and inspect.iscoroutinefunction(orig):
+            # autoretry_for wraps run in a sync function that catches what ``_orig_run`` raises; an async body
+            # would raise only when awaited, outside that wrapper. Give the wrapper a body that awaits.
+            self._orig_run = _AwaitingBody(orig)
         _task_stack.push(self)
         self.push_request(args=args, kwargs=kwargs)
         try:

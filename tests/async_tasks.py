@@ -51,9 +51,9 @@ def _snapshot(task: Task) -> dict[str, Any]:
 
 @app.task(bind=True, name="async_tasks.context_probe")
 async def context_probe(self: Task, n: int) -> dict[str, Any]:
-    before = _snapshot(self)
-    await asyncio.sleep(random.uniform(0, 0.2))
-    return {"n": n, "before": before, "after": _snapshot(self)}
+    before, started_at = _snapshot(self), time.time()
+    await asyncio.sleep(random.uniform(0.2, 0.4))
+    return {"n": n, "before": before, "after": _snapshot(self), "started_at": started_at, "finished_at": time.time()}
 
 
 @app.task(name="async_tasks.sync_nap")
@@ -89,9 +89,13 @@ async def soft_cleanup() -> str:
     return "slept through the soft limit"
 
 
-@app.task(name="async_tasks.hard_sleep", time_limit=1)
+@app.task(name="async_tasks.hard_sleep", soft_time_limit=0.5, time_limit=1.5)
 async def hard_sleep() -> str:
-    await asyncio.sleep(10)
+    """Ignores its soft limit; only the hard one can stop it."""
+    try:
+        await asyncio.sleep(10)
+    except SoftTimeLimitExceeded:
+        await asyncio.sleep(10)
     return "slept through the hard limit"
 
 

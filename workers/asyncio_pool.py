@@ -12,7 +12,6 @@ loopline tasks' async bodies) run through Celery's own tracer inside a greenlet 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import threading
@@ -119,16 +118,12 @@ class TaskPool(BasePool):
         from config.celery_app import settings
 
         self.settings = settings
-        self.limit = self.limit or 100
-        self.slots = Slots(self.limit)
+        self.slots = Slots(self.limit or 100)
         self.loop = _new_loop()
         self.executor = ThreadPoolExecutor(max_workers=settings.asyncio_sync_threads,
                                            thread_name_prefix="loopline-sync")
         self.jobs: set[Job] = set()
         self.loop_lag_ms = 0.0
-        # The worker's task_soft_time_limit / task_time_limit; Request passes only per-task or per-message ones.
-        self.default_soft_s: float | None = self.options.get("soft_timeout")
-        self.default_hard_s: float | None = self.options.get("timeout")
         self._thread: threading.Thread | None = None
         self._probe: asyncio.Task[None] | None = None
         self._async_cache: dict[str, bool] = {}
@@ -191,7 +186,7 @@ class TaskPool(BasePool):
                  accept_callback: Callable[..., Any] | None = None, timeout_callback: Callable[..., Any] | None = None,
                  soft_timeout: float | None = None, timeout: float | None = None, **_: Any) -> Job:
         job = Job(self, target, tuple(args or ()), dict(kwargs or {}), callback, accept_callback, timeout_callback,
-                  soft_timeout or self.default_soft_s, timeout or self.default_hard_s)
+                  soft_timeout, timeout)
         self.loop.call_soon_threadsafe(self._spawn, job)
         return job
 
@@ -203,10 +198,10 @@ class TaskPool(BasePool):
     def _is_async(self, name: str) -> bool:
         cached = self._async_cache.get(name)
         if cached is None:
+            from tasks.base import is_coroutine_task
+
             task = self.app.tasks.get(name)
-            cached = task is not None and (
-                getattr(task, "async_body", None) is not None or inspect.iscoroutinefunction(task.run)
-            )
+            cached = task is not None and is_coroutine_task(task)
             self._async_cache[name] = cached
         return cached
 
@@ -297,7 +292,8 @@ class TaskPool(BasePool):
 
     @property
     def num_processes(self) -> int:
-        return self.slots.limit
+        # The requested limit: the consumer reads it right after grow()/shrink() to resize its prefetch.
+        return self.limit
 
     def _get_info(self) -> dict[str, Any]:
         info = super()._get_info()

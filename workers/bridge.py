@@ -16,6 +16,7 @@ Two directions:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import sys
@@ -60,9 +61,9 @@ def await_only(awaitable: Awaitable[T]) -> T:
         try:
             yielded = steps.throw(throw) if throw is not None else steps.send(send_value)
         except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            return stop.value
         try:
-            send_value, throw = current.parent.switch(yielded), None  # type: ignore[union-attr]
+            send_value, throw = current.parent.switch(yielded), None
         except BaseException as exc:  # noqa: BLE001 - thrown in by the loop's Task: forwarded into the coroutine
             throw = exc
 
@@ -80,7 +81,9 @@ async def run_in_greenlet(
     """
     glet = LoopGreenlet(fn)
     glet.task_label, glet.wrap = label, wrap
-    return await _trampoline(glet, args, kwargs)  # type: ignore[no-any-return]
+    # A new greenlet starts with an empty contextvars context; give it a copy of this Task's, as asyncio would.
+    glet.gr_context = contextvars.copy_context()
+    return await _trampoline(glet, args, kwargs)
 
 
 @types.coroutine
@@ -101,7 +104,7 @@ def _steps(awaitable: Awaitable[T]) -> Generator[Any, Any, T]:
     # A @types.coroutine generator (drive's result) is awaitable through a code flag, without __await__.
     if isinstance(awaitable, types.GeneratorType):
         return awaitable
-    return awaitable.__await__()  # type: ignore[return-value]
+    return awaitable.__await__()
 
 
 class Interrupt:
@@ -129,7 +132,7 @@ def drive(awaitable: Awaitable[T], interrupt: Interrupt, label: str, blocking_ms
         try:
             yielded = coro.throw(throw) if throw is not None else coro.send(send_value)
         except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            return stop.value
         finally:
             held_ms = (time.perf_counter() - started) * 1000
             if held_ms > blocking_ms:
@@ -172,7 +175,7 @@ def _real_thread_class() -> type[threading.Thread]:
         from gevent import monkey
 
         if monkey.is_module_patched("threading"):
-            return monkey.get_original("threading", "Thread")  # type: ignore[no-any-return]
+            return monkey.get_original("threading", "Thread")
     return threading.Thread
 
 

@@ -1,0 +1,316 @@
+"""The asyncio pool end to end: real workers, the session's Redis, the local HTTP target.
+
+Test-only tasks live in ``tests/async_tasks.py``; a worker imports them through ``CELERY_WORKER_INCLUDE``
+(see that module), so ``loopline worker`` is started exactly as a user would start it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import async_tasks
+import pytest
+from celery.exceptions import TimeLimitExceeded
+
+from bench.procs import Child, _spawn
+from config.celery_app import app
+from tasks import fetch_url, io_sleep
+from workers.asyncio_pool import TaskPool
+from workers.launcher import ASYNCIO_POOL
+
+TESTS_DIR = Path(__file__).resolve().parent
+INCLUDE_ENV = {
+    # tests/ for async_tasks; the repository root so that a worker started from elsewhere finds the project.
+    "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), str(TESTS_DIR.parent), os.environ.get("PYTHONPATH", ""))
+                                  if p),
+    "CELERY_WORKER_INCLUDE": "async_tasks",
+}
+RESULT_TIMEOUT_S = 30
+READY_TIMEOUT_S = 60
+
+
+def _wait_for_log(child: Child, needle: str, timeout_s: float = READY_TIMEOUT_S) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        log = child.log_text()
+        if needle in log:
+            return log
+        if not child.alive():
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{child.name} never logged {needle!r}:\n{child.log_text()[-4000:]}")
+
+
+def _node(child: Child) -> str:
+    match = re.search(r"(\S+@\S+) ready\.", _wait_for_log(child, " ready."))
+    assert match is not None
+    return match.group(1)
+
+
+def _wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"never {what} within {timeout_s} s"
+        time.sleep(0.05)
+
+
+def _runs(key: str) -> int:
+    """How many times a marked_sleep with this key has started its body."""
+    return int(async_tasks.store().get(key) or 0)
+
+
+def _key() -> str:
+    return f"ran:{uuid.uuid4().hex}"
+
+
+def _active(node: str) -> list[dict[str, Any]]:
+    return (app.control.inspect(destination=[node], timeout=5).active() or {}).get(node, [])
+
+
+def _peak_overlap(spans: Iterable[dict[str, Any]]) -> int:
+    """The largest number of [started_at, finished_at] intervals open at one instant."""
+    events = sorted((t, delta) for span in spans for t, delta in ((span["started_at"], 1), (span["finished_at"], -1)))
+    running = peak = 0
+    for _, delta in events:  # at equal times -1 sorts first: touching intervals do not overlap
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def _async(pool: str, concurrency: int, worker: Callable[..., Child], **env: str) -> Child:
+    return worker(pool, concurrency, env={**INCLUDE_ENV, **env})
+
+
+@pytest.fixture
+def stock_worker(tmp_path: Path, queue: str) -> Iterator[Callable[[int], Child]]:
+    """``celery -A config.celery_app worker -P custom`` with CELERY_CUSTOM_WORKER_POOL: no loopline CLI."""
+    started: list[Child] = []
+
+    def start(concurrency: int) -> Child:
+        argv = [sys.executable, "-m", "celery", "-A", "config.celery_app", "worker", "-P", "custom",
+                "-c", str(concurrency), "-Q", queue, "-E", "-n", f"stock-{uuid.uuid4().hex[:8]}@%h",
+                "--loglevel", "INFO", "--include", "async_tasks"]
+        env = {"PYTHONPATH": INCLUDE_ENV["PYTHONPATH"], "CELERY_CUSTOM_WORKER_POOL": ASYNCIO_POOL}
+        child = _spawn("stock celery worker", argv, tmp_path / f"stock-{len(started)}.log", env)
+        started.append(child)
+        _wait_for_log(child, " ready.")
+        return child
+
+    yield start
+    for child in started:
+        child.stop(grace_s=20)
+
+
+# -- concurrency ----------------------------------------------------------------------------------------------
+
+def test_200_sleeps_run_at_once_on_200_slots(worker: Callable[..., Child], queue: str) -> None:
+    worker("asyncio", 200)
+    results = [io_sleep.apply_async((500,), queue=queue) for _ in range(200)]
+    spans = [r.get(timeout=RESULT_TIMEOUT_S) for r in results]
+    assert all(span["slept_ms"] == 500 for span in spans)
+    # Run one after another, 200 sleeps never overlap; on 200 slots nearly all are in flight together.
+    assert _peak_overlap(spans) >= 150
+    starts = [span["started_at"] for span in spans]
+    assert max(starts) - min(starts) < 0.5
+
+
+def test_stock_celery_command_runs_the_pool(
+    stock_worker: Callable[[int], Child], queue: str, target_url: str, target_stats: Callable[[], dict[str, int]]
+) -> None:
+    child = stock_worker(50)
+    results = [fetch_url.apply_async((f"{target_url}/job?ms=500&bytes=100",), queue=queue) for _ in range(40)]
+    pages = [r.get(timeout=RESULT_TIMEOUT_S) for r in results]
+    assert all(page["status"] == 200 and page["bytes"] == 100 for page in pages)
+    assert target_stats()["peak_in_flight"] >= 30
+    assert "asyncio pool: 50 slots" in child.log_text()
+    assert child.stop(grace_s=20) == 0
+
+
+def test_sync_tasks_run_on_threads_and_leave_the_loop_free(worker: Callable[..., Child], queue: str) -> None:
+    _async("asyncio", 60, worker)
+    naps = [async_tasks.sync_nap.apply_async((1.0,), queue=queue) for _ in range(4)]
+    sleeps = [io_sleep.apply_async((100,), queue=queue) for _ in range(50)]
+    nap_spans = [r.get(timeout=RESULT_TIMEOUT_S) for r in naps]
+    sleep_spans = [r.get(timeout=RESULT_TIMEOUT_S) for r in sleeps]
+    assert _peak_overlap(nap_spans) == 4
+    assert max(s["finished_at"] for s in sleep_spans) < min(s["finished_at"] for s in nap_spans)
+
+
+def test_each_coroutine_sees_its_own_request(worker: Callable[..., Child], queue: str) -> None:
+    _async("asyncio", 100, worker)
+    results = [async_tasks.context_probe.apply_async((n,), queue=queue) for n in range(100)]
+    values = [r.get(timeout=RESULT_TIMEOUT_S) for r in results]
+    for n, (result, value) in enumerate(zip(results, values, strict=True)):
+        expected = {"id": result.id, "retries": 0, "args": [n], "current_id": result.id}
+        assert value["before"] == expected
+        assert value["after"] == expected
+    assert _peak_overlap(values) >= 50  # they really were interleaved on the loop
+
+
+# -- retries and time limits ----------------------------------------------------------------------------------
+
+def test_self_retry_in_an_async_task(worker: Callable[..., Child], queue: str) -> None:
+    _async("asyncio", 4, worker)
+    result = async_tasks.retry_twice.apply_async(queue=queue)
+    assert result.get(timeout=RESULT_TIMEOUT_S) == {"retries": 2, "id": result.id}
+
+
+def test_autoretry_for_an_async_task(worker: Callable[..., Child], queue: str) -> None:
+    _async("asyncio", 4, worker)
+    key = _key()
+    result = async_tasks.always_value_error.apply_async((key,), queue=queue)
+    with pytest.raises(ValueError, match="attempt failed"):
+        result.get(timeout=RESULT_TIMEOUT_S)
+    assert result.state == "FAILURE"
+    assert _runs(key) == 3
+
+
+def test_soft_limit_is_raised_at_the_await_and_can_be_handled(worker: Callable[..., Child], queue: str) -> None:
+    _async("asyncio", 4, worker)
+    assert async_tasks.soft_cleanup.apply_async(queue=queue).get(timeout=RESULT_TIMEOUT_S) == "cleaned up"
+
+
+def test_hard_limit_fails_the_task_and_the_worker_keeps_serving(worker: Callable[..., Child], queue: str) -> None:
+    _async("asyncio", 4, worker)
+    result = async_tasks.hard_sleep.apply_async(queue=queue)
+    with pytest.raises(TimeLimitExceeded):
+        result.get(timeout=RESULT_TIMEOUT_S)
+    assert result.state == "FAILURE"
+    assert async_tasks.marked_sleep.apply_async((0.01,), queue=queue).get(timeout=RESULT_TIMEOUT_S)
+
+
+# -- revoke ---------------------------------------------------------------------------------------------------
+
+def test_revoke_terminate_cancels_a_running_coroutine(worker: Callable[..., Child], queue: str) -> None:
+    _async("asyncio", 4, worker)
+    key = _key()
+    result = async_tasks.marked_sleep.apply_async((30, key), queue=queue)
+    _wait_until(lambda: _runs(key) == 1, "started")
+    app.control.revoke(result.id, terminate=True)
+    _wait_until(lambda: result.state == "REVOKED", "revoked", timeout_s=5)
+    assert async_tasks.marked_sleep.apply_async((0.01,), queue=queue).get(timeout=RESULT_TIMEOUT_S)
+    assert result.state == "REVOKED"  # the cancelled tracer did not overwrite it
+
+
+def test_task_revoked_while_waiting_for_a_slot_never_runs(worker: Callable[..., Child], queue: str) -> None:
+    # Prefetch two per slot (through click's CELERY_WORKER_* variables), so a message waits inside the pool.
+    child = _async("asyncio", 1, worker, CELERY_WORKER_PREFETCH_MULTIPLIER="2")
+    first_key, second_key = _key(), _key()
+    first = async_tasks.marked_sleep.apply_async((2, first_key), queue=queue)
+    _wait_until(lambda: _runs(first_key) == 1, "started")
+    second = async_tasks.marked_sleep.apply_async((0.01, second_key), queue=queue)
+    _wait_for_log(child, f"[{second.id}] received", timeout_s=5)  # handed to the pool, waiting for the slot
+    app.control.revoke(second.id)
+    assert first.get(timeout=RESULT_TIMEOUT_S)
+    assert async_tasks.marked_sleep.apply_async((0.01,), queue=queue).get(timeout=RESULT_TIMEOUT_S)
+    assert second.state == "REVOKED"
+    assert (_runs(first_key), _runs(second_key)) == (1, 0)
+
+
+# -- shutdown -------------------------------------------------------------------------------------------------
+
+def test_sigterm_lets_running_tasks_finish(worker: Callable[..., Child], queue: str) -> None:
+    child = worker("asyncio", 10)
+    node = _node(child)
+    results = [io_sleep.apply_async((1500,), queue=queue) for _ in range(5)]
+    _wait_until(lambda: len(_active(node)) == 5, "5 running")
+    assert child.stop(grace_s=30, signum=signal.SIGTERM) == 0
+    assert [r.state for r in results] == ["SUCCESS"] * 5
+    log = child.log_text()
+    assert "Traceback" not in log
+    assert "Task was destroyed but it is pending" not in log  # the pool's own loop tasks are stopped too
+
+
+@pytest.mark.timeout(90)
+def test_shutdown_grace_cancels_the_rest_and_they_are_redelivered(worker: Callable[..., Child], queue: str) -> None:
+    first = _async("asyncio", 10, worker, LOOPLINE_ASYNCIO_SHUTDOWN_GRACE_S="1")
+    keys = [_key() for _ in range(3)]
+    results = [async_tasks.marked_sleep.apply_async((10, key), queue=queue) for key in keys]
+    _wait_until(lambda: [_runs(key) for key in keys] == [1, 1, 1], "all 3 started")
+    stopping = time.monotonic()
+    assert first.stop(grace_s=30, signum=signal.SIGTERM) == 0
+    assert time.monotonic() - stopping < 8  # well before the 10 s sleeps could have finished
+    assert "cancelling 3 unfinished tasks" in first.log_text()
+    assert not any(r.ready() for r in results)
+
+    _async("asyncio", 10, worker)
+    for result in results:
+        assert result.get(timeout=RESULT_TIMEOUT_S)
+    assert [_runs(key) for key in keys] == [2, 2, 2]  # cancelled on the first worker, run again on the second
+
+
+# -- control and monitoring -----------------------------------------------------------------------------------
+
+def _stats(node: str) -> dict[str, Any]:
+    replies = app.control.inspect(destination=[node], timeout=5).stats() or {}
+    return replies[node]["pool"]  # type: ignore[no-any-return]
+
+
+def test_inspect_shows_pool_stats_and_active_coroutines(worker: Callable[..., Child], queue: str) -> None:
+    node = _node(_async("asyncio", 7, worker))
+    key = _key()
+    result = async_tasks.marked_sleep.apply_async((3, key), queue=queue)
+    _wait_until(lambda: _runs(key) == 1, "started")
+    pool = _stats(node)
+    assert pool["implementation"] == ASYNCIO_POOL
+    assert pool["max-concurrency"] == 7
+    assert pool["in-flight"] == 1
+    assert pool["sync-threads"] == 16
+    assert isinstance(pool["loop-lag-ms"], int | float) and pool["loop-lag-ms"] >= 0
+    assert [(task["id"], task["name"]) for task in _active(node)] == [(result.id, "async_tasks.marked_sleep")]
+    assert result.get(timeout=RESULT_TIMEOUT_S)
+
+
+def test_a_blocking_step_is_logged_with_the_task_name(worker: Callable[..., Child], queue: str) -> None:
+    child = _async("asyncio", 4, worker)
+    result = async_tasks.blocker.apply_async(queue=queue)
+    assert result.get(timeout=RESULT_TIMEOUT_S) == "blocked"
+    _wait_for_log(child, f"async_tasks.blocker[{result.id}] blocked the event loop for", timeout_s=5)
+
+
+def test_pool_grow_and_shrink_change_the_slots(worker: Callable[..., Child], queue: str) -> None:
+    node = _node(_async("asyncio", 1, worker))
+    app.control.pool_grow(4, destination=[node], reply=True, timeout=5)
+    assert _stats(node)["max-concurrency"] == 5
+    results = [async_tasks.marked_sleep.apply_async((1,), queue=queue) for _ in range(5)]
+    assert _peak_overlap(r.get(timeout=RESULT_TIMEOUT_S) for r in results) == 5
+    app.control.pool_shrink(3, destination=[node], reply=True, timeout=5)
+    assert _stats(node)["max-concurrency"] == 2
+
+
+def test_consecutive_resizes_add_up_before_the_loop_applies_them() -> None:
+    """grow/shrink run on the consumer thread; the loop thread applies each later. No worker needed."""
+    pool = TaskPool(limit=3, app=app)
+    try:
+        pool.grow(2)
+        pool.grow(2)
+        assert pool.num_processes == 7  # what the consumer reads to resize its prefetch
+        pool.shrink(10)
+        assert pool.num_processes == 1
+    finally:
+        pool.loop.close()
+        pool.executor.shutdown()
+
+
+# -- async def tasks under every pool -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pool", ["prefork", "threads", "gevent", "solo", "asyncio"])
+def test_async_task_runs_under_every_pool(
+    pool: str, worker: Callable[..., Child], queue: str, target_url: str
+) -> None:
+    concurrency = {"solo": 1, "prefork": 2}.get(pool, 20)
+    _async(pool, concurrency, worker)
+    result = async_tasks.async_fetch.apply_async((f"{target_url}/job?bytes=10",), queue=queue)
+    assert result.get(timeout=RESULT_TIMEOUT_S)["status"] == 200
+    if concurrency == 20:
+        # The bridge waits without blocking the pool: 20 fetches with a pause are all in flight together.
+        results = [async_tasks.async_fetch.apply_async((f"{target_url}/job", 1.0), queue=queue) for _ in range(20)]
+        assert _peak_overlap(r.get(timeout=RESULT_TIMEOUT_S) for r in results) >= 15
