@@ -314,3 +314,45 @@ def test_async_task_runs_under_every_pool(
         # The bridge waits without blocking the pool: 20 fetches with a pause are all in flight together.
         results = [async_tasks.async_fetch.apply_async((f"{target_url}/job", 1.0), queue=queue) for _ in range(20)]
         assert _peak_overlap(r.get(timeout=RESULT_TIMEOUT_S) for r in results) >= 15
+
+
+def test_events_for_async_tasks_are_what_flower_shows(worker: Callable[..., Child], queue: str) -> None:
+    """received/started/succeeded/failed/retried/revoked events, read the way Flower reads them."""
+    import threading
+
+    seen: dict[str, set[str]] = {}
+
+    def record(event: dict[str, Any]) -> None:
+        seen.setdefault(event.get("uuid", ""), set()).add(event["type"])
+
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": record})
+        thread = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=True), daemon=True)
+        thread.start()
+        # The receiver binds its queue while the worker boots (seconds), before any task event is sent.
+        child = _async("asyncio", 10, worker)
+        node = _node(child)
+        ok = io_sleep.apply_async((10,), queue=queue)
+        retried = async_tasks.retry_twice.apply_async(queue=queue)
+        failed = async_tasks.always_value_error.apply_async((_key(),), queue=queue)
+        revoked = async_tasks.marked_sleep.apply_async((30, _key()), queue=queue)
+        ok.get(timeout=RESULT_TIMEOUT_S)
+        retried.get(timeout=RESULT_TIMEOUT_S)
+        with pytest.raises(ValueError):
+            failed.get(timeout=RESULT_TIMEOUT_S)
+        _wait_until(lambda: any(t["id"] == revoked.id for t in _active(node)), "the long task running")
+        app.control.revoke(revoked.id, terminate=True)
+
+        def complete() -> bool:
+            return (
+                {"task-received", "task-started", "task-succeeded"} <= seen.get(ok.id, set())
+                and "task-retried" in seen.get(retried.id, set())
+                and "task-failed" in seen.get(failed.id, set())
+                and "task-revoked" in seen.get(revoked.id, set())
+            )
+
+        try:
+            _wait_until(complete, "all event types seen", timeout_s=30)
+        finally:
+            receiver.should_stop = True
+            thread.join(10)
