@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
+DEMO_SERVE ?= 1
+DEMO_PORT ?= 8000
+DEMO_RESULTS ?= results
 
 .PHONY: install lint test demo clean
 
@@ -23,8 +26,10 @@ lint: install
 test: install
 	$(BIN)/python -m pytest
 
+# A small bench over every pool, its table, then the dashboard on it until Ctrl-C (DEMO_SERVE=0: stop after the table).
 demo: install
-	$(BIN)/loopline bench $(DEMO_ARGS)
+	$(BIN)/loopline bench --out $(DEMO_RESULTS) $(DEMO_ARGS)
+	@if [ "$(DEMO_SERVE)" != "0" ]; then $(BIN)/loopline dashboard --port $(DEMO_PORT) --results $(DEMO_RESULTS); fi
 
 clean:
 	rm -rf $(VENV) .loopline .pytest_cache .mypy_cache .ruff_cache *.egg-info

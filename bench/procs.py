@@ -9,17 +9,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 import psutil
 
-__all__ = ["Child", "ChildFailed", "start_target", "start_worker"]
+__all__ = ["Child", "ChildFailed", "start_bench", "start_dashboard", "start_target", "start_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,18 @@ class Child:
             return []
 
 
-def _spawn(name: str, argv: Sequence[str], log_path: Path | None, env: dict[str, str] | None,
+def _environment(changes: Mapping[str, str | None] | None) -> dict[str, str]:
+    """This process's environment with ``changes`` applied; a None value removes the variable."""
+    env = dict(os.environ)
+    for key, value in (changes or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def _spawn(name: str, argv: Sequence[str], log_path: Path | None, env: Mapping[str, str | None] | None,
            stdout_pipe: bool = False) -> Child:
     log = open(log_path, "wb") if log_path is not None else None  # noqa: SIM115 - closed by Child.stop
     popen = subprocess.Popen(
@@ -94,7 +106,7 @@ def _spawn(name: str, argv: Sequence[str], log_path: Path | None, env: dict[str,
         stdout=subprocess.PIPE if stdout_pipe else (log or subprocess.DEVNULL),
         stderr=log or subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
+        env=_environment(env),
         start_new_session=True,
     )
     return Child(name=name, popen=popen, log_path=log_path, _log=log)
@@ -125,3 +137,24 @@ def start_worker(pool: str, concurrency: int, *, queues: Sequence[str] = (), log
     if queues:
         argv += ["-Q", ",".join(queues)]
     return _spawn(f"{pool} worker", [*argv, *extra], log_path, env)
+
+
+def start_bench(args: Sequence[str], *, log_path: Path | None = None,
+                env: Mapping[str, str | None] | None = None) -> Child:
+    """Start ``loopline bench ARGS`` (its table and progress go to ``log_path``); None in ``env`` unsets."""
+    return _spawn("bench", [sys.executable, "-m", "loopline", "bench", *args], log_path, env)
+
+
+def start_dashboard(results: Path, *, log_path: Path | None = None, env: Mapping[str, str | None] | None = None,
+                    extra: Sequence[str] = ()) -> tuple[Child, str]:
+    """Start ``loopline dashboard`` on a free loopback port; returns the child and its base URL."""
+    argv = [sys.executable, "-m", "loopline", "dashboard", "--port", "0", "--results", str(results), *extra]
+    child = _spawn("dashboard", argv, log_path, env, stdout_pipe=True)
+    assert child.popen.stdout is not None
+    line = child.popen.stdout.readline().decode(errors="replace")
+    child.popen.stdout.close()
+    found = re.search(r"http://\S+?/", line)
+    if found is None:
+        child.stop(grace_s=1)
+        raise ChildFailed(f"the dashboard did not start: {line!r}\n{child.log_text()[-2000:]}")
+    return child, found.group(0).rstrip("/")

@@ -1,101 +1,71 @@
-"""Times one pool on one workload: fill the queue, start the worker, wait for every job, stop the worker."""
+"""Times one pool on one workload: fill the queue, start the worker, wait for every job, stop the worker.
+
+How jobs count: a job is *ok* when its task succeeded and, for ``fetch_url``, the target answered below
+400; it is *failed* when the task failed (``FAILURE``: a rejected webhook, retries exhausted, a time
+limit) or ``fetch_url`` got an HTTP error status back as data. Both are finished work and count towards
+throughput; ``errors`` says what kind each failure was. A job with no final result is *missing*.
+"""
 
 from __future__ import annotations
 
-import statistics
+import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
+from kombu import Exchange, Queue
 
+from bench.jobs import JobTimes, PoolResult, Workload
 from bench.procs import Child, start_worker
 
-__all__ = ["JobsMissing", "PoolResult", "Workload", "run_pool"]
+__all__ = ["JobsMissing", "PoolFailed", "PoolResult", "Workload", "run_pool"]
 
 POLL_INTERVAL_S = 0.2
 READY_POLL_S = 0.02
 MGET_CHUNK = 500
+READY_TIMEOUT_S = 90.0
+STALL_TIMEOUT_S = 60.0
+SAMPLE_INTERVAL_S = 0.25
 
 
 class JobsMissing(RuntimeError):
-    """The worker went quiet (or died) with jobs still unfinished."""
+    """The worker went quiet (or died) with jobs still unfinished; the message says how many."""
 
 
-@dataclass(frozen=True)
-class Workload:
-    """What every pool is asked to do."""
-
-    task: str
-    jobs: int
-    latency_ms: float
-    target_url: str
-
-    def call(self, index: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        if self.task == "io_sleep":
-            return (self.latency_ms,), {}
-        if self.task == "deliver_webhook":
-            return (f"{self.target_url}/job", {"n": index}), {}
-        return (f"{self.target_url}/job",), {}
-
-
-@dataclass
-class PoolResult:
-    """One pool's run, as measured."""
-
-    pool: str
-    concurrency: int
-    jobs_ok: int = 0
-    jobs_failed: int = 0
-    wall_s: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list)
-    finished_at: list[float] = field(default_factory=list)
-    cpu_s: float = 0.0
-    peak_rss_mb: float = 0.0
-    errors: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def throughput_per_s(self) -> float:
-        return (self.jobs_ok + self.jobs_failed) / self.wall_s if self.wall_s else 0.0
-
-    def percentile_ms(self, q: float) -> float:
-        if not self.latencies_ms:
-            return 0.0
-        if len(self.latencies_ms) == 1:
-            return self.latencies_ms[0]
-        return statistics.quantiles(self.latencies_ms, n=100, method="inclusive")[int(q) - 1]
-
-    @property
-    def cpu_ms_per_job(self) -> float:
-        done = self.jobs_ok + self.jobs_failed
-        return self.cpu_s * 1000 / done if done else 0.0
+class PoolFailed(RuntimeError):
+    """A pool's worker did not come up; the message holds its exit code and last log line."""
 
 
 class _Sampler(threading.Thread):
-    """Samples CPU seconds and RSS of a worker's process tree until stopped."""
+    """Samples CPU seconds (user+sys) and RSS of a worker's whole process tree until stopped."""
 
-    def __init__(self, child: Child, interval_s: float = 0.25) -> None:
+    def __init__(self, child: Child, interval_s: float = SAMPLE_INTERVAL_S) -> None:
         super().__init__(daemon=True)
         self.child, self.interval_s = child, interval_s
         self.cpu_by_pid: dict[int, float] = {}
         self.peak_rss = 0
+        self._lock = threading.Lock()
         self._halt = threading.Event()
 
-    def sample(self) -> None:
+    def sample(self) -> float:
+        """Take one sample; returns the tree's CPU seconds so far (processes that exited keep their last value)."""
         rss = 0
-        for proc in self.child.tree():
-            try:
-                with proc.oneshot():
-                    times = proc.cpu_times()
-                    self.cpu_by_pid[proc.pid] = times.user + times.system
-                    rss += proc.memory_info().rss
-            except psutil.Error:
-                continue
-        self.peak_rss = max(self.peak_rss, rss)
+        with self._lock:
+            for proc in self.child.tree():
+                try:
+                    with proc.oneshot():
+                        times = proc.cpu_times()
+                        self.cpu_by_pid[proc.pid] = times.user + times.system
+                        rss += proc.memory_info().rss
+                except psutil.Error:
+                    continue
+            self.peak_rss = max(self.peak_rss, rss)
+            return sum(self.cpu_by_pid.values())
 
     def run(self) -> None:
         while not self._halt.wait(self.interval_s):
@@ -106,13 +76,28 @@ class _Sampler(threading.Thread):
         self.join()
 
 
-def _fill(app: Any, task: Any, workload: Workload, queue: str) -> list[str]:
+def _fill(app: Any, task: Any, workload: Workload, queue: str, enqueued: dict[str, float] | None = None) -> list[str]:
+    """Send every job of ``workload`` to ``queue``; ``enqueued`` receives each job's send time."""
     ids = []
     with app.producer_or_acquire() as producer:
         for i in range(workload.jobs):
             args, kwargs = workload.call(i)
-            ids.append(task.apply_async(args, kwargs, queue=queue, producer=producer).id)
+            task_id = task.apply_async(args, kwargs, queue=queue, producer=producer).id
+            ids.append(task_id)
+            if enqueued is not None:
+                enqueued[task_id] = time.time()
     return ids
+
+
+def _ready_count(worker: Child) -> int:
+    return worker.log_text().count(" ready.")
+
+
+def _why_not_started(worker: Child, pool: str) -> PoolFailed:
+    lines = [line.strip() for line in worker.log_text().splitlines() if line.strip()]
+    last = lines[-1] if lines else "(no output)"
+    state = f"exited with code {worker.popen.returncode}" if not worker.alive() else "was not ready in time"
+    return PoolFailed(f"the {pool} worker could not start: it {state}; last log line: {last}")
 
 
 def run_pool(
@@ -121,51 +106,93 @@ def run_pool(
     workload: Workload,
     *,
     log_dir: Path,
-    on_progress: Callable[[int], None] = lambda done: None,
-    stall_timeout_s: float = 60.0,
+    processes: int = 1,
+    repeat: int = 1,
+    on_progress: Callable[[PoolResult], None] = lambda result: None,
+    stall_timeout_s: float = STALL_TIMEOUT_S,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+    env: dict[str, str] | None = None,
 ) -> PoolResult:
-    """Run ``workload`` through a fresh ``pool`` worker on a queue of its own and measure it."""
+    """Run ``workload`` through a fresh ``pool`` worker on a queue of its own and measure it.
+
+    The queue is full before the worker starts; CPU counts from the moment every worker process logged
+    ``ready.``, so booting Celery is not charged to the jobs.
+    """
     import tasks
     from config.celery_app import app
 
     task = getattr(tasks, workload.task)
     queue = f"bench.{pool}.{uuid.uuid4().hex[:8]}"
-    pending = set(_fill(app, task, workload, queue))
-    result = PoolResult(pool=pool, concurrency=concurrency)
-    started: list[float] = []
-    worker = start_worker(pool, concurrency, queues=[queue], log_path=log_dir / f"worker-{pool}.log")
-    sampler = _Sampler(worker)
-    sampler.start()
-    backend = app.backend
-    last_change = time.monotonic()
-    baseline_cpu_s: float | None = None
+    result = PoolResult(pool=pool, concurrency=concurrency, processes=processes, repeat=repeat, total=workload.jobs)
+    enqueued: dict[str, float] = {}
     try:
-        while pending:
-            if baseline_cpu_s is None and " ready." in worker.log_text():
-                # CPU spent booting the worker is not the pool's cost per job.
-                sampler.sample()
-                baseline_cpu_s = sum(sampler.cpu_by_pid.values())
-            time.sleep(POLL_INTERVAL_S if baseline_cpu_s is not None else READY_POLL_S)
-            done_now = _collect(backend, pending, result, started)
-            if done_now:
-                last_change = time.monotonic()
-                on_progress(done_now)
-            elif not worker.alive() or time.monotonic() - last_change > stall_timeout_s:
-                why = "the worker exited" if not worker.alive() else f"no job finished for {stall_timeout_s:g} s"
-                raise JobsMissing(f"{pool}: {len(pending)} of {workload.jobs} jobs never finished ({why}); "
-                                  f"see {worker.log_path}")
-        sampler.sample()
+        pending = set(_fill(app, task, workload, queue, enqueued))
+        extra: Sequence[str] = ("--processes", str(processes)) if processes > 1 else ()
+        worker = start_worker(pool, concurrency, queues=[queue], log_path=log_dir / f"worker-{pool}-{repeat}.log",
+                              env=env, extra=extra)
+        _measure(worker, result, pending, enqueued, app.backend, on_progress=on_progress,
+                 stall_timeout_s=stall_timeout_s, ready_timeout_s=ready_timeout_s)
     finally:
-        sampler.stop()
-        worker.stop()
-    result.cpu_s = sum(sampler.cpu_by_pid.values()) - (baseline_cpu_s or 0.0)
-    result.peak_rss_mb = sampler.peak_rss / 2**20
-    if started and result.finished_at:
-        result.wall_s = max(result.finished_at) - min(started)
+        _forget(app, queue, list(enqueued))
     return result
 
 
-def _collect(backend: Any, pending: set[str], result: PoolResult, started: list[float]) -> int:
+def _measure(worker: Child, result: PoolResult, pending: set[str], enqueued: dict[str, float], backend: Any, *,
+             on_progress: Callable[[PoolResult], None], stall_timeout_s: float, ready_timeout_s: float) -> None:
+    """Wait for the worker to be ready, then for every pending job; always stops the worker."""
+    sampler = _Sampler(worker)
+    sampler.start()
+    booted_at = time.monotonic()
+    baseline_cpu_s: float | None = None
+    try:
+        while baseline_cpu_s is None:
+            if _ready_count(worker) >= result.processes:
+                baseline_cpu_s = sampler.sample()
+            elif not worker.alive() or time.monotonic() - booted_at > ready_timeout_s:
+                raise _why_not_started(worker, result.pool)
+            else:
+                time.sleep(READY_POLL_S)
+        last_change = time.monotonic()
+        while pending:
+            time.sleep(POLL_INTERVAL_S)
+            if _collect(backend, pending, enqueued, result):
+                last_change = time.monotonic()
+                on_progress(result)
+            elif not worker.alive() or time.monotonic() - last_change > stall_timeout_s:
+                why = "the worker exited" if not worker.alive() else f"no job finished for {stall_timeout_s:g} s"
+                raise JobsMissing(f"{result.pool}: {len(pending)} of {result.total} jobs never finished ({why}); "
+                                  f"worker log: {worker.log_path}")
+        result.cpu_s = sampler.sample() - baseline_cpu_s
+    except BaseException:
+        # Ctrl-C or a failed run: the jobs in flight no longer matter, so no warm shutdown.
+        worker.stop(grace_s=3, signum=signal.SIGQUIT)
+        raise
+    finally:
+        sampler.stop()
+        worker.stop(grace_s=10)
+    result.peak_rss_mb = sampler.peak_rss / 2**20
+
+
+def _forget(app: Any, queue: str, ids: list[str]) -> None:
+    """Delete the run's queue (with anything left in it), its bindings and its results: a bench leaves no litter."""
+    # The queue as Celery created it on demand (task_create_missing_queues). Declared on this channel first:
+    # kombu's virtual transports only delete the bindings a channel knows about.
+    bound = Queue(queue, Exchange(queue, type=app.conf.task_default_exchange_type), routing_key=queue)
+    with app.connection_for_write() as conn:
+        declared = bound.bind(conn.default_channel)
+        declared.declare()
+        declared.delete()
+    backend = app.backend
+    for lo in range(0, len(ids), MGET_CHUNK):
+        backend.client.delete(*[backend.get_key_for_task(i) for i in ids[lo:lo + MGET_CHUNK]])
+
+
+def _finished_at(meta: dict[str, Any]) -> float:
+    done = meta.get("date_done")
+    return datetime.fromisoformat(done).timestamp() if isinstance(done, str) else time.time()
+
+
+def _collect(backend: Any, pending: set[str], enqueued: dict[str, float], result: PoolResult) -> int:
     """Read finished results of ``pending`` jobs from the Redis result backend in a few MGETs."""
     ids = list(pending)
     done = 0
@@ -181,13 +208,13 @@ def _collect(backend: Any, pending: set[str], result: PoolResult, started: list[
             pending.discard(task_id)
             done += 1
             value = meta["result"]
-            if meta["status"] == "SUCCESS":
-                result.jobs_ok += 1
-                started.append(value["started_at"])
-                result.finished_at.append(value["finished_at"])
-                result.latencies_ms.append((value["finished_at"] - value["started_at"]) * 1000)
+            if meta["status"] == "SUCCESS" and isinstance(value, dict):
+                status = value.get("status")
+                error = f"HTTP {status}" if isinstance(status, int) and status >= 400 else None
+                result.add(JobTimes(enqueued[task_id], value["started_at"], value["finished_at"], error,
+                                    retries=int(meta.get("retries") or 0)))
             else:
-                result.jobs_failed += 1
                 kind = value.get("exc_type", "error") if isinstance(value, dict) else "error"
-                result.errors[kind] = result.errors.get(kind, 0) + 1
+                result.add(JobTimes(enqueued[task_id], None, _finished_at(meta), kind,
+                                    retries=int(meta.get("retries") or 0)))
     return done
