@@ -8,6 +8,9 @@ every worker whatever started it.
 from __future__ import annotations
 
 import logging
+import os
+import ssl
+import sys
 from typing import Any
 
 from celery import Celery
@@ -49,6 +52,42 @@ def _result_backend(settings: Settings, broker_url: str) -> str:
     )
 
 
+def _is_redis(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://"))
+
+
+def _broker_transport_options(settings: Settings, broker_url: str) -> dict[str, Any]:
+    options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
+    if not _is_redis(broker_url):
+        return options
+    return {
+        **options,
+        # kombu.transport.redis.Transport.register_with_event_loop sweeps for messages whose visibility timeout
+        # ran out every ``unacked_restore_interval`` s, but QoS.restore_visible scans only on every
+        # ``unacked_restore_throttle``-th call (default 10 x 10 s); throttle 1 makes the interval the one knob
+        # (deadletter.transport.Poller runs at most one sweep per interval, in both event loops).
+        "unacked_restore_interval": settings.restore_interval_s,
+        "unacked_restore_throttle": 1,
+        # Bounded waits: a Redis that vanishes without closing the socket is noticed, and the connection
+        # replaced, within about twice this (kombu's BRPOP health check uses health_check_interval).
+        "socket_timeout": settings.redis_socket_timeout_s,
+        "socket_connect_timeout": settings.redis_socket_timeout_s,
+        "health_check_interval": settings.redis_socket_timeout_s,
+        "max_message_bytes": settings.max_message_bytes,
+    }
+
+
+def _tls_defaults(url: object) -> dict[str, Any] | None:
+    """Certificate checks for a ``rediss://`` URL that does not choose them itself.
+
+    Without ``ssl_*`` query parameters kombu connects to a ``rediss://`` broker in plain text, and Celery's
+    Redis backend refuses to start; both verify the server against the system CAs here instead.
+    """
+    if not isinstance(url, str) or not url.startswith("rediss://") or "ssl_cert_reqs=" in url:
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
 settings = Settings.from_env()
 _broker = _broker_url(settings)
 
@@ -67,7 +106,7 @@ app.conf.update(
     task_time_limit=settings.task_time_limit_s,
     task_soft_time_limit=settings.task_soft_time_limit_s,
     # Settings.from_env refuses a visibility timeout that is not above the time limit.
-    broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+    broker_transport_options=_broker_transport_options(settings, _broker),
     result_expires=settings.result_expires_s,
     result_extended=True,
     # STARTED is not written to the result backend: Flower and `inspect active` see it from the
@@ -78,7 +117,27 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
     worker_cancel_long_running_tasks_on_connection_loss=False,
+    # A producer rides out a Redis restart (about 5 s of retries), then fails loudly with OperationalError.
+    task_publish_retry_policy={"max_retries": 5, "interval_start": 0, "interval_step": 0.5, "interval_max": 2},
+    # A worker storing a result while Redis restarts retries for about 20 s instead of failing the job.
+    result_backend_always_retry=True,
+    result_backend_max_retries=20,
+    result_backend_max_sleep_between_retries_ms=1000,
+    redis_socket_timeout=settings.redis_socket_timeout_s,
+    redis_socket_connect_timeout=settings.redis_socket_timeout_s,
+    redis_backend_health_check_interval=settings.redis_socket_timeout_s,
+    # Undecodable, invalid, unknown and poison messages go to the dead-letter store instead of being
+    # dropped or killing the consumer (deadletter/consumer.py).
+    worker_consumer="deadletter.consumer:DeadLetterConsumer",
 )
+if _is_redis(_broker):
+    # kombu's Redis transport, fetching so that a killed worker loses nothing, and dead-lettering queue entries
+    # that are not JSON envelopes or are oversized instead of stopping the worker (deadletter/transport.py).
+    app.conf.broker_transport = "deadletter.transport:Transport"
+    app.conf.broker_use_ssl = _tls_defaults(_broker)
+app.conf.redis_backend_use_ssl = _tls_defaults(app.conf.result_backend)
+
+import deadletter.hooks  # noqa: E402, F401 - counts starts of redelivered jobs, dead-letters exhausted retries
 
 
 @celeryd_init.connect
@@ -92,24 +151,33 @@ def _size_for_pool(sender: str | None = None, conf: Any = None, options: dict[st
     opts = options or {}
     # The click CLI passes the resolved pool class as ``pool``; programmatic callers may pass ``pool_cls``.
     profile = profile_for(opts.get("pool_cls") or opts.get("pool"), opts.get("concurrency"))
-    apply_profile(conf if conf is not None else app.conf, profile, keep_prefetch=opts.get("prefetch_multiplier"))
+    apply_profile(conf if conf is not None else app.conf, profile)
     _applied.append(profile)
 
 
 @celeryd_after_setup.connect
-def _log_profile(sender: str | None = None, **_: Any) -> None:
-    # celeryd_init runs before Celery sets up logging, so the chosen sizing is logged here.
+def _apply_prefetch(sender: str | None = None, instance: Any = None, **_: Any) -> None:
+    """Give the worker its pool's prefetch multiplier, unless the operator chose one.
+
+    Celery's CLI always passes ``--prefetch-multiplier`` (filled from the config when not given), and
+    ``WorkController.setup_defaults`` prefers it to the config, so the profile cannot go through ``conf``.
+    ``celeryd_after_setup`` (``celery.apps.worker.Worker.on_after_init``) runs after setup_defaults and
+    before the consumer is built from ``instance.prefetch_multiplier``.
+    """
+    chosen = "--prefetch-multiplier" in " ".join(sys.argv) or "CELERY_WORKER_PREFETCH_MULTIPLIER" in os.environ
     for profile in _applied:
+        if instance is not None and not chosen:
+            instance.prefetch_multiplier = profile.prefetch_multiplier
+        # celeryd_init runs before Celery sets up logging, so the chosen sizing is logged here.
         logger.info("loopline: %s", profile.describe())
 
 
 _applied: list[PoolProfile] = []
 
 
-def apply_profile(conf: Any, profile: PoolProfile, *, keep_prefetch: object = None) -> None:
-    """Write a pool profile into a Celery configuration (an explicit --prefetch-multiplier wins)."""
-    if not keep_prefetch:
-        conf.worker_prefetch_multiplier = profile.prefetch_multiplier
+def apply_profile(conf: Any, profile: PoolProfile) -> None:
+    """Write a pool profile's connection-pool sizes and prefetch into a Celery configuration."""
+    conf.worker_prefetch_multiplier = profile.prefetch_multiplier
     conf.broker_transport_options = {**conf.broker_transport_options, "max_connections": profile.max_connections}
     conf.redis_max_connections = profile.max_connections
     conf.broker_pool_limit = max(conf.broker_pool_limit or 0, profile.producer_pool_limit)

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
-__all__ = ["ConfigError", "PREFIX", "Settings", "redact_url"]
+__all__ = ["ConfigError", "ENVELOPE_ALLOWANCE_BYTES", "PREFIX", "Settings", "redact_url"]
 
 PREFIX = "LOOPLINE_"
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _BROKER_SCHEMES = (*_REDIS_SCHEMES, "amqp", "amqps", "pyamqp")
+# Room for a task message's headers and properties around its base64 body.
+ENVELOPE_ALLOWANCE_BYTES = 64 * 1024
 _HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
@@ -49,6 +51,10 @@ class Settings:
     asyncio_sync_threads: int = 16
     asyncio_shutdown_grace_s: float = 30.0
     asyncio_blocking_ms: float = 100.0
+    max_deliveries: int = 5
+    restore_interval_s: float = 10.0
+    max_message_bytes: int = 2 * 1024 * 1024
+    redis_socket_timeout_s: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -74,6 +80,17 @@ class Settings:
         for name in ("webhook_backoff_base_s", "webhook_backoff_max_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be positive, got {getattr(self, name)!r}")
+        for name in ("max_deliveries", "max_message_bytes", "restore_interval_s", "redis_socket_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_env_name(name)} must be positive, got {getattr(self, name)!r}")
+        # Every job the producer accepts (LOOPLINE_MAX_ARG_BYTES of JSON) must fit in a message the worker accepts:
+        # the body travels base64-encoded (4/3) inside an envelope of headers.
+        smallest = self.max_arg_bytes * 4 // 3 + ENVELOPE_ALLOWANCE_BYTES
+        if self.max_message_bytes < smallest:
+            raise ConfigError(
+                f"{_env_name('max_message_bytes')}={self.max_message_bytes} must be at least {smallest} for "
+                f"{_env_name('max_arg_bytes')}={self.max_arg_bytes}, or workers would refuse jobs producers accept"
+            )
         if self.asyncio_shutdown_grace_s < 0:
             raise ConfigError(f"{_env_name('asyncio_shutdown_grace_s')} must be >= 0")
         if self.webhook_backoff_max_s >= self.visibility_timeout_s:

@@ -57,7 +57,18 @@ def _read(timeout_s: float) -> dict[str, Any]:
         logger.warning("cluster state: broker %s unreachable: %s", broker, exc)
         return {"broker": broker, "workers": [], "error": f"no broker: {broker} is unreachable ({exc})"}
     workers = sorted((_worker(name, s) for name, s in stats.items()), key=lambda w: w["name"])
-    return {"broker": broker, "workers": workers, "error": None}
+    return {"broker": broker, "workers": workers, "error": None, "dead_letters": _dead_letters(app)}
+
+
+def _dead_letters(app: Any) -> int | None:
+    """Size of the dead-letter store (it lives in the result backend's Redis); None when unreadable."""
+    from deadletter import size
+
+    try:
+        return size(app.backend.client)
+    except Exception as exc:  # a backend that is not Redis, or one that went away since the inspect
+        logger.warning("cluster state: dead-letter size unreadable: %s", exc)
+        return None
 
 
 class ClusterView:

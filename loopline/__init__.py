@@ -1,4 +1,4 @@
-"""The ``loopline`` command line: redis, worker, enqueue, flower, bench."""
+"""The ``loopline`` command line: redis, worker, enqueue, flower, bench, dashboard, dlq."""
 
 from __future__ import annotations
 

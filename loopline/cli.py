@@ -129,6 +129,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+# -- dashboard --------------------------------------------------------------------------------------------
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from dashboard.cli import run_from_args
+
+    return run_from_args(args)
+
+
+# -- dlq --------------------------------------------------------------------------------------------------
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from deadletter.cli import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; tests and the docker-compose check parse commands with it."""
     parser = argparse.ArgumentParser(
@@ -198,6 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    from dashboard.cli import add_dashboard_arguments
+
+    p = sub.add_parser("dashboard", help="serve the pool comparison of past and running benchmarks",
+                       description="Serve a page that compares pools for each `loopline bench` run in --results: "
+                                   "throughput against the Little's-law limit, latency, CPU and memory, live while "
+                                   "a bench runs; plus a JSON API (/api/runs) and CSV export. Bound to 127.0.0.1 "
+                                   "unless --host says otherwise; LOOPLINE_DASHBOARD_AUTH=user:password turns on "
+                                   "basic auth.")
+    add_dashboard_arguments(p)
+    p.set_defaults(func=cmd_dashboard)
+
+    from deadletter.cli import DESCRIPTION, add_dlq_arguments
+
+    p = sub.add_parser("dlq", help="list, show, replay or purge dead-lettered jobs", description=DESCRIPTION)
+    add_dlq_arguments(p)
+    p.set_defaults(func=cmd_dlq)
     return parser
 
 

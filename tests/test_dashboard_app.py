@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import requests
 
@@ -133,7 +134,12 @@ def test_basic_auth_guards_everything(results: Path, tmp_path: Path) -> None:
             refused = get(f"{url}{path}")
             assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic")
         assert get(f"{url}/api/runs", auth=("ops", "wrong")).status_code == 401
-        assert get(f"{url}/api/runs", auth=("ops", "s3cret")).json()["runs"][1]["run_id"] == DONE
+        allowed = get(f"{url}/api/runs", auth=("ops", "s3cret"), headers={"Origin": "http://evil.example"})
+        assert allowed.json()["runs"][1]["run_id"] == DONE
+        # No CORS: another origin's page cannot read the API with the operator's credentials.
+        assert not any(h.lower().startswith("access-control-") for h in allowed.headers)
+        listening = {c.laddr.ip for c in psutil.Process(child.pid).net_connections() if c.status == "LISTEN"}
+        assert listening == {"127.0.0.1"}
     finally:
         child.stop(grace_s=5)
 

@@ -18,6 +18,14 @@ def test_workers_online_show_their_pool_and_concurrency(worker: Callable[..., Ch
     assert {(w["pool"], w["concurrency"]) for w in mine.values()} == {("threads", 3), ("asyncio", 7)}
 
 
+def test_cluster_state_counts_dead_letters() -> None:
+    from config.celery_app import app
+    from deadletter import size
+
+    state = ClusterView(None, cache_s=0).state()
+    assert state["dead_letters"] == size(app.backend.client)
+
+
 def test_answers_are_cached_between_looks() -> None:
     view = ClusterView(None, cache_s=60)
     assert view.state() is view.state()

@@ -11,6 +11,10 @@ from config.settings import PREFIX, ConfigError, Settings, redact_url
 
 # One non-default value per field, as the environment would spell it, and the value it must parse to.
 GOOD_ENV = {
+    "LOOPLINE_MAX_DELIVERIES": "3",
+    "LOOPLINE_RESTORE_INTERVAL_S": "2.5",
+    "LOOPLINE_MAX_MESSAGE_BYTES": "4194304",
+    "LOOPLINE_REDIS_SOCKET_TIMEOUT_S": "7.5",
     "LOOPLINE_BROKER_URL": "redis://127.0.0.1:6390/1",
     "LOOPLINE_RESULT_BACKEND": "redis://:pw@127.0.0.1:6391/2",
     "LOOPLINE_HOME": "~/loopline-home",
@@ -31,6 +35,10 @@ GOOD_ENV = {
     "LOOPLINE_ASYNCIO_BLOCKING_MS": "12.5",
 }
 PARSED = {
+    "max_deliveries": 3,
+    "restore_interval_s": 2.5,
+    "max_message_bytes": 4194304,
+    "redis_socket_timeout_s": 7.5,
     "broker_url": "redis://127.0.0.1:6390/1",
     "result_backend": "redis://:pw@127.0.0.1:6391/2",
     "home": Path("~/loopline-home").expanduser(),

@@ -281,7 +281,8 @@ async function refreshCluster() {
       return;
     }
     const workers = c.workers.map((w) => `${w.name} (${w.pool}, -c ${w.concurrency})`).join(", ");
-    box.replaceChildren(`broker ${c.broker} · ${c.workers.length} worker(s) online${workers ? `: ${workers}` : ""} · `, flower);
+    const dead = c.dead_letters == null ? "" : ` · ${c.dead_letters} dead-lettered (loopline dlq list)`;
+    box.replaceChildren(`broker ${c.broker} · ${c.workers.length} worker(s) online${workers ? `: ${workers}` : ""}${dead} · `, flower);
   } catch (error) {
     box.replaceChildren(el("span", { class: "bad" }, `cluster state unavailable: ${error.message}`));
   }

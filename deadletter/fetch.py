@@ -1,0 +1,58 @@
+"""Fetching a message from Redis so that no crash can lose it: pop and record as unacked in one atomic step.
+
+kombu's Redis transport takes a message with ``BRPOP``, which removes it from the queue, and records it
+in the ``unacked`` hash only once the worker has read the reply and built the message
+(``kombu.transport.redis.QoS.append``). A worker killed in between (SIGKILL, OOM, power) loses the message
+for good: it is neither queued nor unacked, so no visibility timeout ever brings it back. Under load
+a consumer nearly always has one such reply in flight.
+
+Here the pop is a Lua script that moves the message into ``unacked``/``unacked_index`` in the same step,
+in the format kombu's ``QoS.restore_by_tag`` reads. Waiting for work uses ``BLMOVE key key RIGHT RIGHT``,
+which blocks until the list has an element and leaves the list as it was (Redis 6.2 and later); the
+pop runs again when it returns.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MIN_REDIS_VERSION", "POP_SCRIPT", "supports_atomic_fetch"]
+
+MIN_REDIS_VERSION = (6, 2)  # BLMOVE
+
+# KEYS: the queue keys in priority order, then kombu's unacked hash and unacked index.
+# ARGV: the time to record (seconds, like QoS.append), the largest entry to record (0: no limit).
+# Returns {key, entry, 1} when the entry was recorded as unacked, {key, entry, 0} when it is not a
+# usable envelope (the client dead-letters it), or nil when every queue is empty.
+POP_SCRIPT = """
+local n = #KEYS - 2
+local limit = tonumber(ARGV[2])
+for i = 1, n do
+  local entry = redis.call('LINDEX', KEYS[i], -1)
+  if entry then
+    local ok, message = true, nil
+    if limit > 0 and #entry > limit then ok = false else ok, message = pcall(cjson.decode, entry) end
+    local properties = ok and type(message) == 'table' and message['properties']
+    local tag = type(properties) == 'table' and properties['delivery_tag']
+    local info = type(properties) == 'table' and properties['delivery_info']
+    if type(tag) ~= 'string' or type(info) ~= 'table' then
+      redis.call('RPOP', KEYS[i])
+      return {KEYS[i], entry, 0}
+    end
+    -- Record first, pop last: a write refused here (a full Redis) leaves the entry in its queue.
+    redis.call('ZADD', KEYS[n + 2], ARGV[1], tag)
+    redis.call('HSET', KEYS[n + 1], tag,
+      '[' .. entry .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
+    redis.call('RPOP', KEYS[i])
+    return {KEYS[i], entry, 1}
+  end
+end
+return false
+"""
+
+
+def supports_atomic_fetch(version: str) -> bool:
+    """True for a Redis version string that has BLMOVE."""
+    try:
+        parts = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return False
+    return parts >= MIN_REDIS_VERSION

@@ -1,0 +1,125 @@
+"""Messages pushed straight into a worker's Redis queue that no worker can run: each is refused, logged once
+with the reason and dead-lettered, and the worker keeps serving the jobs around it, under every pool."""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from bench.procs import Child
+from config.celery_app import app
+from deadletter.store import DeadLetter, DeadLetterStore, Reason
+from tasks import io_sleep
+
+POOLS = ["prefork", "threads", "gevent", "asyncio"]
+
+
+class _TouchOnLoad:
+    """Unpickling this creates a file: proof, if the file appears, that a worker loaded a pickle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return Path.touch, (self.path,)
+
+
+def envelope(queue: str, body: bytes, *, content_type: str = "application/json",
+             headers: dict[str, object] | None = None) -> bytes:
+    """A kombu Redis envelope as ``send_task`` would write it, with the given body and headers."""
+    if headers is None:
+        headers = {"lang": "py", "task": "tasks.io_sleep", "id": str(uuid.uuid4()), "retries": 0}
+    return json.dumps({
+        "body": base64.b64encode(body).decode(), "content-encoding": "utf-8", "content-type": content_type,
+        "headers": headers,
+        "properties": {"delivery_tag": str(uuid.uuid4()), "body_encoding": "base64", "delivery_mode": 2,
+                       "priority": 0, "delivery_info": {"exchange": "", "routing_key": queue}},
+    }).encode()
+
+
+def bad_messages(queue: str, marker: Path) -> dict[str, tuple[bytes, str, str]]:
+    """name -> (queue entry, expected reason, words the error must contain)."""
+    task = {"lang": "py", "task": "tasks.io_sleep"}
+    too_big = app.conf.broker_transport_options["max_message_bytes"] + 1
+    return {
+        "not JSON": (b"\x00\x01 not json at all", Reason.UNDECODABLE, "not JSON"),
+        "missing properties": (json.dumps({"body": "", "headers": {}}).encode(), Reason.INVALID, "properties"),
+        "body not JSON": (envelope(queue, b"{oops"), Reason.UNDECODABLE, "not valid"),
+        "pickle": (envelope(queue, pickle.dumps(((_TouchOnLoad(marker),), {}, {})),
+                            content_type="application/x-python-serialize"), Reason.DISALLOWED, "pickle"),
+        "unknown task": (envelope(queue, json.dumps([[1], {}, {}]).encode(),
+                                  headers={**task, "task": "tasks.no_such", "id": str(uuid.uuid4())}),
+                         Reason.UNKNOWN_TASK, "tasks.no_such"),
+        "missing id": (envelope(queue, json.dumps([[1], {}, {}]).encode(), headers=task), Reason.INVALID, "'id'"),
+        "wrong protocol": (envelope(queue, json.dumps({"nothing": "here"}).encode(), headers={}),
+                           Reason.INVALID, "not a task message"),
+        "body not [args, kwargs, embed]": (envelope(queue, json.dumps({"x": [1]}).encode()), Reason.INVALID,
+                                           "[args, kwargs, embed]"),
+        "oversized": (envelope(queue, b"x" * too_big), Reason.OVERSIZED, "LOOPLINE_MAX_MESSAGE_BYTES"),
+    }
+
+
+def _entries_for(store: DeadLetterStore, queue: str) -> list[DeadLetter]:
+    return [entry for entry in store.entries() if entry.queue == queue]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("pool", POOLS)
+def test_each_bad_message_is_dead_lettered_once_and_the_worker_keeps_serving(
+    pool: str, worker: Callable[..., Child], queue: str, redis_url: str, tmp_path: Path
+) -> None:
+    child = worker(pool, 2)
+    marker = tmp_path / "unpickled"
+    cases = bad_messages(queue, marker)
+    with redis.Redis.from_url(redis_url, socket_timeout=10) as client:
+        store = DeadLetterStore(client)
+        before = io_sleep.apply_async((5,), queue=queue)
+        for entry, _, _ in cases.values():
+            client.lpush(queue, entry)
+        after = io_sleep.apply_async((5,), queue=queue)
+        assert before.get(timeout=30)["slept_ms"] == 5
+        assert after.get(timeout=30)["slept_ms"] == 5
+        deadline = time.monotonic() + 20
+        while len(_entries_for(store, queue)) < len(cases):
+            assert time.monotonic() < deadline, child.log_text()[-4000:]
+            time.sleep(0.1)
+        entries = _entries_for(store, queue)
+        for entry in entries:
+            store.remove(entry.id)
+
+    assert len(entries) == len(cases)
+    for name, (_, reason, words) in cases.items():
+        matching = [e for e in entries if e.reason == reason and words in e.error]
+        assert matching, f"{name}: no {reason} entry mentioning {words!r} in {[(e.reason, e.error) for e in entries]}"
+        assert matching[0].raw or matching[0].args is not None, name
+    assert not marker.exists(), "a worker unpickled a message"
+    log = child.log_text()
+    assert log.count("dead-lettered ") == len(cases), log[-4000:]
+    assert "Unrecoverable error" not in log and "Traceback" not in log, log[-4000:]
+    assert child.alive()
+    assert child.stop(grace_s=30, signum=signal.SIGTERM) == 0
+
+
+def test_a_dead_lettered_task_fails_its_result_with_the_reason(
+    worker: Callable[..., Child], queue: str, redis_url: str
+) -> None:
+    worker("threads", 2)
+    task_id = str(uuid.uuid4())
+    headers = {"lang": "py", "task": "tasks.io_sleep", "id": task_id, "retries": 0, "timelimit": "soon"}
+    with redis.Redis.from_url(redis_url, socket_timeout=10) as client:
+        client.lpush(queue, envelope(queue, json.dumps([[5], {}, {}]).encode(), headers=headers))
+        result = app.AsyncResult(task_id)
+        with pytest.raises(Exception, match="invalid: header 'timelimit'"):
+            result.get(timeout=30)
+        entry = DeadLetterStore(client).get(task_id)
+        assert entry is not None and entry.args == [5] and entry.task == "tasks.io_sleep"
+        DeadLetterStore(client).remove(task_id)
