@@ -12,11 +12,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+import redis
 import requests
+from celery import Celery
 
 from bench.procs import Child, start_target, start_worker
+
+if TYPE_CHECKING:
+    from ledger import Ledger
 from embedded_redis import EmbeddedRedis
 
 WORKER_READY_TIMEOUT_S = 60.0
@@ -103,3 +109,33 @@ def worker(tmp_path: Path, queue: str) -> Iterator[Callable[..., Child]]:
     yield start
     for child in started:
         child.stop(grace_s=20)
+
+
+# -- the fault suite (tests/test_faults.py, tests/test_deadletter_poison.py) ---------------------------------
+# Each of those modules defines ``broker_url``: a Redis of its own that its faults may restart or cut.
+
+@pytest.fixture
+def broker(broker_url: str) -> Iterator[redis.Redis]:
+    with redis.Redis.from_url(broker_url, socket_timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def producer(broker_url: str) -> Iterator[Celery]:
+    """A Celery client of the module's own broker (config.celery_app is bound to the session's)."""
+    from ledger import producer_app  # imports config.celery_app: only after pytest_configure set the broker
+
+    app = producer_app(broker_url)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def ledger(redis_url: str) -> Iterator[Ledger]:
+    """The job ledger, kept in the session's Redis, which no fault touches."""
+    from ledger import Ledger
+
+    with redis.Redis.from_url(redis_url, socket_timeout=10) as client:
+        book = Ledger(client)
+        yield book
+        book.forget()

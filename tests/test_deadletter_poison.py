@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
-from ledger import Fleet, Ledger, fault_env, producer_app
+from ledger import Fleet, Ledger, fault_env
 
 from deadletter.store import DeadLetterStore, Reason
 from embedded_redis import EmbeddedRedis
@@ -35,27 +35,6 @@ def broker_url(tmp_path: Path) -> Iterator[str]:
     server = EmbeddedRedis(tmp_path / "broker")
     yield server.up().url
     server.down()
-
-
-@pytest.fixture
-def broker(broker_url: str) -> Iterator[redis.Redis]:
-    with redis.Redis.from_url(broker_url, socket_timeout=10) as client:
-        yield client
-
-
-@pytest.fixture
-def producer(broker_url: str) -> Iterator[Celery]:
-    app = producer_app(broker_url)
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def ledger(redis_url: str) -> Iterator[Ledger]:
-    with redis.Redis.from_url(redis_url, socket_timeout=10) as client:
-        book = Ledger(client)
-        yield book
-        book.forget()
 
 
 @pytest.fixture

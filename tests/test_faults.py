@@ -19,7 +19,7 @@ import psutil
 import pytest
 import redis
 from celery import Celery
-from ledger import RESTORE_INTERVAL_S, VISIBILITY_TIMEOUT_S, Fleet, Ledger, fault_env, producer_app, wait_for
+from ledger import RESTORE_INTERVAL_S, VISIBILITY_TIMEOUT_S, Fleet, Ledger, fault_env, wait_for
 
 from embedded_redis import EmbeddedRedis
 
@@ -130,27 +130,6 @@ def broker_url(private_redis: EmbeddedRedis) -> str:
     status = private_redis.status()
     assert status is not None
     return status.url
-
-
-@pytest.fixture
-def broker(broker_url: str) -> Iterator[redis.Redis]:
-    with redis.Redis.from_url(broker_url, socket_timeout=10) as client:
-        yield client
-
-
-@pytest.fixture
-def producer(broker_url: str) -> Iterator[Celery]:
-    app = producer_app(broker_url)
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def ledger(redis_url: str) -> Iterator[Ledger]:
-    with redis.Redis.from_url(redis_url, socket_timeout=10) as client:
-        book = Ledger(client)
-        yield book
-        book.forget()
 
 
 @pytest.fixture
