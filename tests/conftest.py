@@ -58,6 +58,14 @@ def redis_url() -> str:
     return str(_session["redis_url"])
 
 
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the session's Redis, closed after the test."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
 @pytest.fixture(scope="session")
 def target_url() -> str:
     """Base URL of the local HTTP target (bench.target) on 127.0.0.1."""
