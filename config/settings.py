@@ -55,6 +55,7 @@ class Settings:
     restore_interval_s: float = 10.0
     max_message_bytes: int = 2 * 1024 * 1024
     redis_socket_timeout_s: float = 30.0
+    event_flush_ms: float = 100.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -80,7 +81,8 @@ class Settings:
         for name in ("webhook_backoff_base_s", "webhook_backoff_max_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be positive, got {getattr(self, name)!r}")
-        for name in ("max_deliveries", "max_message_bytes", "restore_interval_s", "redis_socket_timeout_s"):
+        for name in ("max_deliveries", "max_message_bytes", "restore_interval_s", "redis_socket_timeout_s",
+                     "event_flush_ms"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be positive, got {getattr(self, name)!r}")
         # Every job the producer accepts (LOOPLINE_MAX_ARG_BYTES of JSON) must fit in a message the worker accepts:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+from kombu.utils.imports import symbol_by_name
 
 from bench.procs import Child
 from deadletter import size
@@ -192,7 +193,9 @@ def test_dead_letter_settings_reach_the_app() -> None:
 
     options = app.conf.broker_transport_options
     assert app.conf.broker_transport == "deadletter.transport:Transport"
-    assert app.conf.worker_consumer == "deadletter.consumer:DeadLetterConsumer"
+    from deadletter.consumer import DeadLetterConsumer
+
+    assert issubclass(symbol_by_name(app.conf.worker_consumer), DeadLetterConsumer)
     assert options["unacked_restore_interval"] == settings.restore_interval_s
     assert options["unacked_restore_throttle"] == 1
     assert options["max_message_bytes"] == settings.max_message_bytes

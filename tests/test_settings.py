@@ -15,6 +15,7 @@ GOOD_ENV = {
     "LOOPLINE_RESTORE_INTERVAL_S": "2.5",
     "LOOPLINE_MAX_MESSAGE_BYTES": "4194304",
     "LOOPLINE_REDIS_SOCKET_TIMEOUT_S": "7.5",
+    "LOOPLINE_EVENT_FLUSH_MS": "20",
     "LOOPLINE_BROKER_URL": "redis://127.0.0.1:6390/1",
     "LOOPLINE_RESULT_BACKEND": "redis://:pw@127.0.0.1:6391/2",
     "LOOPLINE_HOME": "~/loopline-home",
@@ -39,6 +40,7 @@ PARSED = {
     "restore_interval_s": 2.5,
     "max_message_bytes": 4194304,
     "redis_socket_timeout_s": 7.5,
+    "event_flush_ms": 20.0,
     "broker_url": "redis://127.0.0.1:6390/1",
     "result_backend": "redis://:pw@127.0.0.1:6391/2",
     "home": Path("~/loopline-home").expanduser(),
@@ -133,6 +135,7 @@ BAD = [
     ({"LOOPLINE_ASYNCIO_SYNC_THREADS": "0"}, "LOOPLINE_ASYNCIO_SYNC_THREADS"),
     ({"LOOPLINE_ASYNCIO_SHUTDOWN_GRACE_S": "-1"}, "LOOPLINE_ASYNCIO_SHUTDOWN_GRACE_S"),
     ({"LOOPLINE_ASYNCIO_BLOCKING_MS": "0"}, "LOOPLINE_ASYNCIO_BLOCKING_MS"),
+    ({"LOOPLINE_EVENT_FLUSH_MS": "0"}, "LOOPLINE_EVENT_FLUSH_MS"),
     # soft limit at or above the hard limit
     ({"LOOPLINE_TASK_SOFT_TIME_LIMIT_S": "300", "LOOPLINE_TASK_TIME_LIMIT_S": "300"},
      "LOOPLINE_TASK_SOFT_TIME_LIMIT_S"),
