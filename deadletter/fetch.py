@@ -7,27 +7,34 @@ for good: it is neither queued nor unacked, so no visibility timeout ever brings
 a consumer nearly always has one such reply in flight.
 
 Here the pop is a Lua script that moves the message into ``unacked``/``unacked_index`` in the same step,
-in the format kombu's ``QoS.restore_by_tag`` reads. Waiting for work uses ``BLMOVE key key RIGHT RIGHT``,
-which blocks until the list has an element and leaves the list as it was (Redis 6.2 and later); the
-pop runs again when it returns.
+in the format kombu's ``QoS.restore_by_tag`` reads; one call takes as many messages as the consumer has
+prefetch credit for (at most MAX_BATCH), so a busy worker pays one round trip per batch, not per message.
+Waiting for work uses ``BLMOVE key key RIGHT RIGHT``, which blocks until the list has an element and
+leaves the list as it was (Redis 6.2 and later); the pop runs again when it returns.
 """
 
 from __future__ import annotations
 
-__all__ = ["MIN_REDIS_VERSION", "POP_SCRIPT", "supports_atomic_fetch"]
+__all__ = ["MAX_BATCH", "MIN_REDIS_VERSION", "POP_SCRIPT", "supports_atomic_fetch"]
 
 MIN_REDIS_VERSION = (6, 2)  # BLMOVE
+MAX_BATCH = 64  # entries per fetch: a worker with room for more takes them in one round trip
 
 # KEYS: the queue keys in priority order, then kombu's unacked hash and unacked index.
-# ARGV: the time to record (seconds, like QoS.append), the largest entry to record (0: no limit).
-# Returns {key, entry, 1} when the entry was recorded as unacked, {key, entry, 0} when it is not a
-# usable envelope (the client dead-letters it), or nil when every queue is empty.
+# ARGV: the time to record (seconds, like QoS.append), the largest entry to record (0: no limit), and the
+# most entries to take (the consumer's prefetch credit, capped at MAX_BATCH).
+# Returns {key, entry, 1, key, entry, 1, ...}: a triple per entry taken, oldest first, with 1 when the entry
+# was recorded as unacked and 0 when it is not a usable envelope (the client dead-letters it); or nil when
+# every queue is empty.
 POP_SCRIPT = """
 local n = #KEYS - 2
 local limit = tonumber(ARGV[2])
+local wanted = tonumber(ARGV[3])
+local taken = {}
 for i = 1, n do
-  local entry = redis.call('LINDEX', KEYS[i], -1)
-  if entry then
+  while #taken < 3 * wanted do
+    local entry = redis.call('LINDEX', KEYS[i], -1)
+    if not entry then break end
     local ok, message = true, nil
     if limit > 0 and #entry > limit then ok = false else ok, message = pcall(cjson.decode, entry) end
     local properties = ok and type(message) == 'table' and message['properties']
@@ -35,17 +42,19 @@ for i = 1, n do
     local info = type(properties) == 'table' and properties['delivery_info']
     if type(tag) ~= 'string' or type(info) ~= 'table' then
       redis.call('RPOP', KEYS[i])
-      return {KEYS[i], entry, 0}
+      taken[#taken + 1] = KEYS[i]; taken[#taken + 1] = entry; taken[#taken + 1] = 0
+    else
+      -- Record first, pop last: a write refused here (a full Redis) leaves the entry in its queue.
+      redis.call('ZADD', KEYS[n + 2], ARGV[1], tag)
+      redis.call('HSET', KEYS[n + 1], tag,
+        '[' .. entry .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
+      redis.call('RPOP', KEYS[i])
+      taken[#taken + 1] = KEYS[i]; taken[#taken + 1] = entry; taken[#taken + 1] = 1
     end
-    -- Record first, pop last: a write refused here (a full Redis) leaves the entry in its queue.
-    redis.call('ZADD', KEYS[n + 2], ARGV[1], tag)
-    redis.call('HSET', KEYS[n + 1], tag,
-      '[' .. entry .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
-    redis.call('RPOP', KEYS[i])
-    return {KEYS[i], entry, 1}
   end
 end
-return false
+if #taken == 0 then return false end
+return taken
 """
 
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from queue import Empty
 from typing import Any
 
@@ -26,7 +29,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 
-from deadletter.fetch import POP_SCRIPT, supports_atomic_fetch
+from deadletter.fetch import MAX_BATCH, POP_SCRIPT, supports_atomic_fetch
 from deadletter.messages import envelope_problem
 from deadletter.store import DeadLetter, DeadLetterStore, Reason, truncate_raw
 
@@ -36,11 +39,32 @@ logger = logging.getLogger(__name__)
 
 POP, WAIT = "pop", "wait"  # which command of the atomic fetch is outstanding
 CREDIT_RECHECK_S = 0.05
+ACK_DELAY_S = 0.05  # the longest an ack made on the event loop waits to be sent with others
+ACK_BATCH = 64  # or until this many are waiting
 RESTORE_GATE = 0.9  # of the restore interval: the event loop's timer may fire a little early
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's ack emulation, minus the unacked write for messages the pop script already recorded."""
+    """kombu's ack emulation, minus the unacked write for messages the pop script already recorded, and
+    with the acks made on the event loop sent in batches.
+
+    ``kombu.transport.redis.QoS.ack`` removes each acked message from ``unacked`` and ``unacked_index``
+    with its own MULTI/ZREM/HDEL/EXEC. With an event loop (prefork, asyncio, solo) Celery makes every ack
+    on the loop's thread (``Consumer.call_soon_ack`` → ``hub.call_soon``); a round trip each was the
+    largest single cost of a busy asyncio worker. An ack made on that thread is counted at once (the
+    prefetch credit returns) and its removal waits, at most ACK_DELAY_S or until ACK_BATCH are pending,
+    to go out with the others: one ZREM and one HDEL for all of them (``Poller.on_poll_start`` checks
+    before the loop polls, a loop timer every ACK_DELAY_S). Until then the message is still recorded as
+    unacked, so a worker that dies in between has it redelivered (at least once, never lost); the channel
+    sends what is pending before it closes. Acks made on other threads (the gevent and threads pools,
+    which have no event loop) stay immediate.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending_acks: list[str] = []
+        self._pending_since = 0.0
+        self._pending_lock = threading.Lock()
 
     def append(self, message: Any, delivery_tag: str) -> None:
         recorded: set[str] = self.channel._recorded
@@ -50,6 +74,34 @@ class QoS(kombu_redis.QoS):
         else:
             super().append(message, delivery_tag)
 
+    def ack(self, delivery_tag: str) -> None:
+        if threading.get_ident() != self.channel.connection.cycle.loop_thread:
+            return super().ack(delivery_tag)
+        with self._pending_lock:
+            if not self._pending_acks:
+                self._pending_since = time.monotonic()
+            self._pending_acks.append(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+        return None
+
+    def flush_acks(self, *, due_only: bool = False) -> None:
+        """Remove the pending acks' messages from the unacked records, in one round trip.
+
+        With ``due_only``, only once ACK_BATCH are pending or the oldest has waited ACK_DELAY_S.
+        """
+        if not self._pending_acks:
+            return
+        if due_only and len(self._pending_acks) < ACK_BATCH and time.monotonic() - self._pending_since < ACK_DELAY_S:
+            return
+        with self._pending_lock:
+            tags, self._pending_acks = self._pending_acks, []
+        try:
+            with self.channel.conn_or_acquire() as client:
+                client.pipeline().zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
+        except Exception as exc:  # noqa: BLE001 - as kombu's Message.ack_log_error: the jobs are redelivered
+            logger.error("could not acknowledge %d messages (%s: %s); they will be redelivered after the "
+                         "visibility timeout", len(tags), type(exc).__name__, exc)
+
 
 class Channel(kombu_redis.Channel):
     """A Redis channel that fetches atomically and checks each entry before kombu builds a message from it."""
@@ -57,17 +109,36 @@ class Channel(kombu_redis.Channel):
     QoS = QoS
     #: Entries longer than this are refused unread (transport option, from LOOPLINE_MAX_MESSAGE_BYTES).
     max_message_bytes: int | None = None
-    from_transport_options: tuple[str, ...] = (  # type: ignore[assignment]  # one option more than kombu's
-        *kombu_redis.Channel.from_transport_options, "max_message_bytes",
+    #: The share of the prefetch window that must be free before an event-loop consumer fetches again
+    #: (transport option; config/pools.py sets it for the asyncio pool). 0: fetch when one message fits.
+    fetch_when_free: float = 0.0
+    from_transport_options: tuple[str, ...] = (  # type: ignore[assignment]  # two options more than kombu's
+        *kombu_redis.Channel.from_transport_options, "max_message_bytes", "fetch_when_free",
     )
     _fetch: str | None = None
     _fetch_queue: str = ""
     _atomic_server: bool | None = None
+    _sync_client: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._acked_queues: set[str] = set()
         self._recorded: set[str] = set()
         super().__init__(*args, **kwargs)
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        # kombu.transport.redis.Channel.conn_or_acquire builds a new redis.Redis on every call (every ack,
+        # every restore sweep); one client on the same connection pool serves them all, from any thread.
+        if client is not None:
+            yield client
+            return
+        if self._sync_client is None or self._sync_client.connection_pool is not self.pool:  # new after a reconnect
+            self._sync_client = self._create_client()
+        yield self._sync_client
+
+    def close(self) -> None:
+        self.qos.flush_acks()
+        super().close()
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         if not no_ack:
@@ -114,10 +185,24 @@ class Channel(kombu_redis.Channel):
             return None
         # The keys and order of kombu's BRPOP: every priority level of every queue, highest priority first.
         queue_keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        # As many messages as the prefetch window has room for: one round trip per batch, not per message.
+        credit = self.qos.can_consume_max_estimate()
+        if credit is not None and credit < self._refill_at():
+            return None  # the loop calls again each iteration, after the acks that return credit
+        wanted = MAX_BATCH if credit is None else max(1, min(credit, MAX_BATCH))
         self._fetch_queue = queues[0]
         keys = [self._key(key) for key in (*queue_keys, self.unacked_key, self.unacked_index_key)]
-        self._send(POP, "EVAL", POP_SCRIPT, len(keys), *keys, time.time(), self.max_message_bytes or 0)
+        self._send(POP, "EVAL", POP_SCRIPT, len(keys), *keys, time.time(), self.max_message_bytes or 0, wanted)
         return None
+
+    def _refill_at(self) -> int:
+        """The credit to wait for before fetching: a share of the window (``fetch_when_free``) on the event
+        loop's thread, where returning credit wakes the loop; one message anywhere else (a synchronous
+        consumer would sleep through the credit returning)."""
+        window = self.qos.prefetch_count or 0
+        if not self.fetch_when_free or threading.get_ident() != self.connection.cycle.loop_thread:
+            return 1
+        return max(1, min(MAX_BATCH, int(window * self.fetch_when_free)))
 
     def _brpop_read(self, **options: Any) -> bool:
         if self._fetch is None:
@@ -135,7 +220,7 @@ class Channel(kombu_redis.Channel):
                 self._atomic_server = False
                 raise Empty() from None
             if state == POP and reply:
-                return self._deliver_popped(*reply)
+                return self._deliver_popped(reply)
             if state == POP and not self._closing:
                 # Nothing queued: block until the first queue has an entry, without taking it.
                 key = self._key(self._q_for_pri(self._fetch_queue, 0))
@@ -148,18 +233,21 @@ class Channel(kombu_redis.Channel):
                 self._in_poll = None  # type: ignore[assignment]  # as kombu does; it declares a bool
                 self._flush_brpop_reauth()
 
-    def _deliver_popped(self, key: bytes, entry: bytes, recorded: int) -> bool:
-        queue = bytes_to_str(key)[len(self.global_keyprefix):].rsplit(self.sep, 1)[0]
-        self._queue_cycle.rotate(queue)
-        payload = self._checked(entry, queue)
-        if payload is None:
+    def _deliver_popped(self, reply: list[Any]) -> bool:
+        """Deliver each entry of a POP_SCRIPT reply: (key, entry, recorded) triples."""
+        for at in range(0, len(reply), 3):
+            key, entry, recorded = reply[at:at + 3]
+            queue = bytes_to_str(key)[len(self.global_keyprefix):].rsplit(self.sep, 1)[0]
+            payload = self._checked(entry, queue)
+            if payload is None:
+                if recorded:
+                    tag = json.loads(entry)["properties"]["delivery_tag"]
+                    self.qos._remove_from_indices(tag).execute()
+                continue
             if recorded:
-                tag = json.loads(entry)["properties"]["delivery_tag"]
-                self.qos._remove_from_indices(tag).execute()
-            return True
-        if recorded:
-            self._recorded.add(payload["properties"]["delivery_tag"])
-        self.connection._deliver(payload, queue)
+                self._recorded.add(payload["properties"]["delivery_tag"])
+            self.connection._deliver(payload, queue)
+        self._queue_cycle.rotate(queue)
         return True
 
     def _guarded_brpop_read(self, **options: Any) -> bool:
@@ -227,6 +315,19 @@ class Poller(kombu_redis.MultiChannelPoller):
     """
 
     _restored_at = float("-inf")
+    #: The thread running the event loop this poller is registered with (Transport.register_with_event_loop).
+    loop_thread: int | None = None
+    ack_flush_tref: Any = None
+
+    def on_poll_start(self) -> None:
+        # The hub's on_tick, once per iteration after its ready callbacks (the acks) ran and before it polls.
+        for channel in self._channels:
+            channel.qos.flush_acks(due_only=True)
+        super().on_poll_start()
+
+    def flush_acks(self) -> None:
+        for channel in self._channels:
+            channel.qos.flush_acks()
 
     def maybe_restore_messages(self) -> Any:
         intervals = [channel.unacked_restore_interval for channel in self._channels]
@@ -253,3 +354,13 @@ class Transport(kombu_redis.Transport):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.cycle = Poller()  # type: ignore[assignment]  # replaces the MultiChannelPoller kombu's __init__ built
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        # Called by Celery's asynloop on the thread that then runs the loop (the worker's main thread).
+        super().register_with_event_loop(connection, loop)
+        poller: Poller = self.cycle  # type: ignore[assignment]  # kombu declares it None
+        poller.loop_thread = threading.get_ident()
+        # As kombu does with its own timers here: drop the entry of a previous connection, then add one.
+        if poller.ack_flush_tref is not None:
+            poller.ack_flush_tref.cancel()
+        poller.ack_flush_tref = loop.call_repeatedly(ACK_DELAY_S, poller.flush_acks)

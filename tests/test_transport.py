@@ -1,0 +1,46 @@
+"""The Redis transport (deadletter/transport.py) with a real asyncio worker: messages are fetched and acked in
+batches, counted by Redis itself, and every message ends acked."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+
+from bench.procs import Child
+from tasks import io_sleep
+
+JOBS = 200
+
+
+@pytest.fixture
+def client(redis_client: redis.Redis) -> redis.Redis:
+    return redis_client
+
+
+def _calls(client: redis.Redis, command: str) -> int:
+    stats = client.info("commandstats").get(f"cmdstat_{command}")
+    return int(stats["calls"]) if stats else 0
+
+
+@pytest.mark.timeout(120)
+def test_a_busy_worker_fetches_and_acks_in_batches_and_acks_everything(
+    worker: Callable[..., Child], queue: str, client: redis.Redis
+) -> None:
+    results = [io_sleep.apply_async((5,), queue=queue) for _ in range(JOBS)]  # queued before the worker starts
+    fetches, acks = _calls(client, "eval"), _calls(client, "zrem")
+    child = worker("asyncio", 50)
+    for result in results:
+        result.get(timeout=60)
+    deadline = time.monotonic() + 20
+    while client.hlen("unacked") and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    assert client.hlen("unacked") == 0, child.log_text()[-3000:]
+    fetch_calls, ack_calls = _calls(client, "eval") - fetches, _calls(client, "zrem") - acks
+    print(f"{JOBS} jobs: {fetch_calls} fetch round trips, {ack_calls} ack round trips")
+    # kombu's transport pays one of each per message.
+    assert fetch_calls <= JOBS // 4
+    assert ack_calls <= JOBS // 2
