@@ -91,8 +91,21 @@ def _tls_defaults(url: object) -> dict[str, Any] | None:
 settings = Settings.from_env()
 _broker = _broker_url(settings)
 
+class LooplineCelery(Celery):
+    """Celery with loopline's Redis result backend (config/result_backend.py) for redis:// and rediss://."""
+
+    def _get_backend(self) -> Any:
+        # celery.app.base.Celery._get_backend resolves the URL's scheme to celery.backends.redis:RedisBackend.
+        url = self.conf.result_backend
+        if self.backend_cls is None and isinstance(url, str) and _is_redis(url):
+            from config.result_backend import RedisBackend
+
+            return RedisBackend(app=self, url=url)
+        return super()._get_backend()
+
+
 # task_cls: every task of this app, a user's ``async def`` included, runs its coroutine to completion.
-app = Celery("loopline", broker=_broker, backend=_result_backend(settings, _broker), include=["tasks"],
+app = LooplineCelery("loopline", broker=_broker, backend=_result_backend(settings, _broker), include=["tasks"],
              task_cls="tasks.base:LooplineTask")
 app.conf.update(
     # JSON only: a pickle message is refused by the worker instead of being executed.
@@ -110,7 +123,7 @@ app.conf.update(
     result_expires=settings.result_expires_s,
     result_extended=True,
     # STARTED is not written to the result backend: Flower and `inspect active` see it from the
-    # task-started event, and the backend write would cost a GET and a SET+PUBLISH per job.
+    # task-started event, and the backend write would cost a round trip per job.
     task_track_started=False,
     worker_send_task_events=True,
     task_send_sent_event=True,
@@ -127,8 +140,9 @@ app.conf.update(
     redis_socket_connect_timeout=settings.redis_socket_timeout_s,
     redis_backend_health_check_interval=settings.redis_socket_timeout_s,
     # Undecodable, invalid, unknown and poison messages go to the dead-letter store instead of being
-    # dropped or killing the consumer (deadletter/consumer.py).
-    worker_consumer="deadletter.consumer:DeadLetterConsumer",
+    # dropped or killing the consumer (deadletter/consumer.py); task events go out in batches on a
+    # timer (workers/consumer.py).
+    worker_consumer="workers.consumer:Consumer",
 )
 if _is_redis(_broker):
     # kombu's Redis transport, fetching so that a killed worker loses nothing, and dead-lettering queue entries
@@ -161,13 +175,20 @@ def _apply_prefetch(sender: str | None = None, instance: Any = None, **_: Any) -
 
     Celery's CLI always passes ``--prefetch-multiplier`` (filled from the config when not given), and
     ``WorkController.setup_defaults`` prefers it to the config, so the profile cannot go through ``conf``.
-    ``celeryd_after_setup`` (``celery.apps.worker.Worker.on_after_init``) runs after setup_defaults and
-    before the consumer is built from ``instance.prefetch_multiplier``.
+    ``celeryd_after_setup`` is sent from ``celery.apps.worker.Worker.on_start``: after the Consumer bootstep
+    (``celery.worker.components.Consumer.create``) built the consumer with the CLI's multiplier, before
+    the consumer starts and sets its prefetch window from ``initial_prefetch_count``. Both are set here.
     """
     chosen = "--prefetch-multiplier" in " ".join(sys.argv) or "CELERY_WORKER_PREFETCH_MULTIPLIER" in os.environ
     for profile in _applied:
         if instance is not None and not chosen:
-            instance.prefetch_multiplier = profile.prefetch_multiplier
+            multiplier = profile.prefetch_multiplier
+            instance.prefetch_multiplier = multiplier
+            consumer = getattr(instance, "consumer", None)
+            if consumer is not None:
+                slots = max(getattr(instance, "max_concurrency", None) or instance.concurrency or 1, 1)
+                consumer.prefetch_multiplier = multiplier
+                consumer.initial_prefetch_count = slots * multiplier
         # celeryd_init runs before Celery sets up logging, so the chosen sizing is logged here.
         logger.info("loopline: %s", profile.describe())
 
@@ -178,6 +199,7 @@ _applied: list[PoolProfile] = []
 def apply_profile(conf: Any, profile: PoolProfile) -> None:
     """Write a pool profile's connection-pool sizes and prefetch into a Celery configuration."""
     conf.worker_prefetch_multiplier = profile.prefetch_multiplier
-    conf.broker_transport_options = {**conf.broker_transport_options, "max_connections": profile.max_connections}
+    conf.broker_transport_options = {**conf.broker_transport_options, "max_connections": profile.max_connections,
+                                     "fetch_when_free": profile.fetch_when_free}
     conf.redis_max_connections = profile.max_connections
     conf.broker_pool_limit = max(conf.broker_pool_limit or 0, profile.producer_pool_limit)

@@ -247,6 +247,25 @@ def test_shutdown_grace_cancels_the_rest_and_they_are_redelivered(worker: Callab
     assert [_runs(key) for key in keys] == [2, 2, 2]  # cancelled on the first worker, run again on the second
 
 
+@pytest.mark.timeout(90)
+def test_a_job_waiting_for_a_slot_goes_back_at_a_warm_shutdown_instead_of_running(
+    worker: Callable[..., Child], queue: str
+) -> None:
+    first = _async("asyncio", 1, worker)  # one slot and, with two messages per slot, one job waiting for it
+    keys = [_key() for _ in range(3)]
+    results = [async_tasks.marked_sleep.apply_async((1.5, key), queue=queue) for key in keys]
+    _wait_until(lambda: _runs(keys[0]) == 1, "the first job started")
+    _wait_for_log(first, results[1].id)  # received: it waits for the slot
+    assert first.stop(grace_s=30, signum=signal.SIGTERM) == 0, first.log_text()[-3000:]
+    assert results[0].ready() and [_runs(key) for key in keys] == [1, 0, 0]
+    assert "1 jobs that had not started go back to the queue" in first.log_text()
+
+    _async("asyncio", 2, worker)
+    for result in results:
+        assert result.get(timeout=RESULT_TIMEOUT_S)
+    assert [_runs(key) for key in keys] == [1, 1, 1]
+
+
 # -- control and monitoring -----------------------------------------------------------------------------------
 
 def _stats(node: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Callable
 
@@ -49,9 +50,12 @@ def test_apply_profile_sizes_broker_and_backend_pools() -> None:
 
     conf = Conf()
     apply_profile(conf, profile_for("gevent", 500))
-    assert conf.broker_transport_options == {"visibility_timeout": 3600, "max_connections": 516}
+    assert conf.broker_transport_options == {"visibility_timeout": 3600, "max_connections": 516, "fetch_when_free": 0.0}
     assert conf.redis_max_connections == 516
+    assert conf.worker_prefetch_multiplier == 1
+    apply_profile(conf, profile_for("asyncio", 1000))
     assert conf.worker_prefetch_multiplier == 2
+    assert conf.broker_transport_options["fetch_when_free"] == 0.25
 
 
 @pytest.mark.timeout(180)
@@ -73,3 +77,17 @@ def test_pool_at_500_slots_runs_without_connection_errors(
     assert "redis max_connections=516" in log
     found = [needle for needle in LOG_ERRORS if needle in log]
     assert not found, f"{found} in worker log:\n{log[-4000:]}"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("pool", "concurrency", "window"), [("prefork", 2, 2), ("gevent", 3, 3), ("asyncio", 3, 6)])
+def test_the_running_worker_has_its_pools_prefetch_window(
+    pool: str, concurrency: int, window: int, worker: Callable[..., Child]
+) -> None:
+    child = worker(pool, concurrency)
+    match = re.search(r"(\S+@\S+) ready\.", child.log_text())
+    assert match is not None, child.log_text()[-2000:]
+    node = match.group(1)
+    stats = (app.control.inspect(destination=[node], timeout=5).stats() or {}).get(node)
+    assert stats is not None, child.log_text()[-2000:]
+    assert stats["prefetch_count"] == window

@@ -91,6 +91,7 @@ class Job:
         self.interrupt = Interrupt()
         self.terminated = False
         self.timed_out = False
+        self.started = False
 
     @property
     def label(self) -> str:
@@ -195,6 +196,25 @@ class TaskPool(BasePool):
         job.task = self.loop.create_task(self._run(job))
         job.task.add_done_callback(lambda _: self.jobs.discard(job))
 
+    def flush(self) -> None:
+        """Drop the jobs still waiting for a slot (``celery.concurrency.base.BasePool.flush``).
+
+        Celery calls it from ``Consumer.on_close`` when the broker connection is lost and at a warm
+        shutdown, after forgetting the reserved requests: their messages go back to the queue when the
+        channel closes, so a job that has not started must not start here as well (it would run twice).
+        """
+        if self._thread is not None:
+            self.loop.call_soon_threadsafe(self._drop_waiting)
+
+    def _drop_waiting(self) -> None:
+        waiting = [job for job in self.jobs if not job.started and job.task is not None and not job.task.done()]
+        for job in waiting:
+            job.terminated = True
+            assert job.task is not None
+            job.task.cancel()
+        if waiting:
+            logger.info("asyncio pool: %d jobs that had not started go back to the queue", len(waiting))
+
     def _is_async(self, name: str) -> bool:
         cached = self._async_cache.get(name)
         if cached is None:
@@ -214,6 +234,7 @@ class TaskPool(BasePool):
         try:
             if job.terminated or _revoked_before_start(job):
                 return
+            job.started = True
             if job.accept_callback is not None:
                 job.accept_callback(os.getpid(), time.monotonic())
             if job.terminated:  # revoke(terminate=True) arrived before the task started
