@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import re
 import socket
@@ -147,19 +148,23 @@ def _without_dot(host: str) -> str:
     return host[:-1] if host.endswith(".") else host
 
 
+# In order; _category stops at the first hit (each ipaddress property scans a table of networks).
+_CATEGORIES: tuple[tuple[Callable[[IPAddress], bool], str], ...] = (
+    (lambda a: a in METADATA_ADDRESSES, "a cloud metadata address"),
+    (lambda a: a.is_loopback, "a loopback address"),
+    (lambda a: a.is_unspecified, "an unspecified address"),
+    (lambda a: a.is_link_local, "a link-local address"),
+    (lambda a: a.is_multicast, "a multicast address"),
+    (lambda a: a in _SHARED, "a shared (carrier-grade NAT) address"),
+    (lambda a: isinstance(a, ipaddress.IPv6Address) and a.is_site_local, "a site-local address"),
+    (lambda a: a.is_reserved, "a reserved address"),
+    (lambda a: a.is_private, "a private address"),
+)
+
+
+@functools.lru_cache(maxsize=1024)
 def _category(ip: IPAddress) -> str | None:
-    checks = (
-        (ip in METADATA_ADDRESSES, "a cloud metadata address"),
-        (ip.is_loopback, "a loopback address"),
-        (ip.is_unspecified, "an unspecified address"),
-        (ip.is_link_local, "a link-local address"),
-        (ip.is_multicast, "a multicast address"),
-        (ip in _SHARED, "a shared (carrier-grade NAT) address"),
-        (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local, "a site-local address"),
-        (ip.is_reserved, "a reserved address"),
-        (ip.is_private, "a private address"),
-    )
-    return next((label for hit, label in checks if hit), None)
+    return next((label for hit, label in _CATEGORIES if hit(ip)), None)
 
 
 def _embedded_v4(ip: IPAddress) -> ipaddress.IPv4Address | None:
@@ -219,7 +224,13 @@ def _literal(url: str, host: str, bracketed: bool) -> IPAddress | None:
 
 def check_url(url: str, allowlist: Allowlist | None = None) -> GuardedUrl:
     """Check a URL's scheme, host and port, and its host if that is an IP literal. No DNS."""
-    allow = allowlist or _NOTHING_ALLOWED
+    return _check_url(url, allowlist or _NOTHING_ALLOWED)
+
+
+# A pure function of its two (immutable) arguments, called twice per job (when the job is built and
+# before each request): the verdicts on recent URLs are kept. Refusals raise, and are never cached.
+@functools.lru_cache(maxsize=4096)
+def _check_url(url: str, allow: Allowlist) -> GuardedUrl:
     if any(ch <= " " or ch == "\x7f" for ch in url):
         raise UrlRefused(url.encode("unicode_escape").decode("ascii"), "URL contains whitespace or control characters")
     try:
