@@ -1,18 +1,22 @@
 """The one-round-trip Redis result backend (config/result_backend.py) against a real Redis: the same stored
-meta, expiry and published message as Celery's, and a stored SUCCESS is never overwritten."""
+meta, expiry and published message as Celery's, a stored SUCCESS is never overwritten, and the results of
+tasks that finish together on the asyncio pool's loop go out in one pipeline."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
+from typing import Any
 
 import pytest
 import redis
 from celery import states
 
 from config.celery_app import app
-from config.result_backend import RedisBackend
+from config.result_backend import RedisBackend, _LoopBatch
+from workers.bridge import run_in_greenlet
 
 
 @pytest.fixture
@@ -78,3 +82,76 @@ def test_survives_a_script_flush(backend: RedisBackend, client: redis.Redis) -> 
     backend.store_result(task_id, 2, states.SUCCESS)
 
     assert app.AsyncResult(task_id).result == 2
+
+
+def _finish_on_one_loop(backend: RedisBackend, task_ids: list[str], *, deferred: bool = True) -> list[list[Any]]:
+    """Store a result for each id from its own LoopGreenlet on one event loop, as the asyncio pool's tasks do."""
+    handed_off: list[list[Any]] = []
+
+    async def main() -> None:
+        async def one(task_id: str) -> None:
+            settled: list[Any] | None = [] if deferred else None
+            await run_in_greenlet(backend.store_result, task_id, {"id": task_id}, states.SUCCESS, deferred=settled)
+            if settled is not None:
+                handed_off.append(settled)
+                await asyncio.gather(*settled)
+
+        await asyncio.gather(*(one(task_id) for task_id in task_ids))
+
+    asyncio.run(main())
+    return handed_off
+
+
+@pytest.fixture
+def pipelines(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of commands in each pipeline the backend sends."""
+    sent: list[int] = []
+    execute = redis.client.Pipeline.execute
+
+    def counting(self: redis.client.Pipeline, raise_on_error: bool = True) -> Any:
+        sent.append(len(self.command_stack))
+        return execute(self, raise_on_error)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", counting)
+    return sent
+
+
+def test_results_of_tasks_finishing_together_on_the_loop_go_out_in_one_pipeline(
+        backend: RedisBackend, pipelines: list[int]) -> None:
+    task_ids = [str(uuid.uuid4()) for _ in range(20)]
+    handed_off = _finish_on_one_loop(backend, task_ids)
+
+    assert pipelines == [20]
+    assert [len(writes) for writes in handed_off] == [1] * 20  # each task's write waits for the pool, not the task
+    assert all(app.AsyncResult(task_id).result == {"id": task_id} for task_id in task_ids)
+
+
+def test_a_write_outside_the_pool_waits_in_its_greenlet(backend: RedisBackend, pipelines: list[int]) -> None:
+    task_ids = [str(uuid.uuid4()) for _ in range(3)]
+    _finish_on_one_loop(backend, task_ids, deferred=False)
+
+    assert pipelines == [3]
+    assert all(app.AsyncResult(task_id).result == {"id": task_id} for task_id in task_ids)
+
+
+def test_a_batch_survives_a_script_flush(backend: RedisBackend, client: redis.Redis, pipelines: list[int]) -> None:
+    _finish_on_one_loop(backend, [str(uuid.uuid4())])
+    client.script_flush()
+    task_ids = [str(uuid.uuid4()) for _ in range(5)]
+    _finish_on_one_loop(backend, task_ids)
+
+    assert pipelines == [1, 5, 5]  # NOSCRIPT for the batch: the script is loaded and the batch sent again
+    assert all(app.AsyncResult(task_id).result == {"id": task_id} for task_id in task_ids)
+
+
+def test_a_failed_batch_is_written_one_by_one_with_celerys_retries(
+        backend: RedisBackend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(self: Any, batch: Any) -> None:
+        raise redis.ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(_LoopBatch, "_send", broken)
+    task_ids = [str(uuid.uuid4()) for _ in range(4)]
+    _finish_on_one_loop(backend, task_ids)
+
+    assert all(app.AsyncResult(task_id).result == {"id": task_id} for task_id in task_ids)
+    assert "a batch of 4 writes failed (connection reset by peer); writing them one by one" in caplog.text

@@ -92,6 +92,8 @@ class Job:
         self.terminated = False
         self.timed_out = False
         self.started = False
+        self.generation = pool.generation
+        self.deferred: list[asyncio.Future[Any]] = []  # what the tracer handed off (its result write)
 
     @property
     def label(self) -> str:
@@ -128,6 +130,9 @@ class TaskPool(BasePool):
         self._thread: threading.Thread | None = None
         self._probe: asyncio.Task[None] | None = None
         self._async_cache: dict[str, bool] = {}
+        # Bumped by flush() on the consumer's thread: a job handed over before it must not start after it,
+        # even if its slot frees up before the loop gets to _drop_waiting.
+        self.generation = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def on_start(self) -> None:
@@ -203,6 +208,7 @@ class TaskPool(BasePool):
         shutdown, after forgetting the reserved requests: their messages go back to the queue when the
         channel closes, so a job that has not started must not start here as well (it would run twice).
         """
+        self.generation += 1
         if self._thread is not None:
             self.loop.call_soon_threadsafe(self._drop_waiting)
 
@@ -232,7 +238,7 @@ class TaskPool(BasePool):
             return
         timers: list[asyncio.TimerHandle] = []
         try:
-            if job.terminated or _revoked_before_start(job):
+            if job.terminated or job.generation != self.generation or _revoked_before_start(job):
                 return
             job.started = True
             if job.accept_callback is not None:
@@ -245,6 +251,7 @@ class TaskPool(BasePool):
                 result = await run_in_greenlet(
                     self._trace, job, label=job.label,
                     wrap=lambda awaitable: drive(awaitable, job.interrupt, job.label, blocking_ms),
+                    deferred=job.deferred,
                 )
             else:
                 # A sync task: run it whole (tracer included) on a thread, as the threads pool would.
@@ -262,6 +269,8 @@ class TaskPool(BasePool):
             for timer in timers:
                 timer.cancel()
             self.slots.release()
+        if job.deferred and not await _settle(job):
+            return
         if job.callback is not None:
             job.callback(result)
 
@@ -328,6 +337,36 @@ class TaskPool(BasePool):
             "event-loop": type(self.loop).__module__,
         })
         return info
+
+
+async def _settle(job: Job) -> bool:
+    """Wait for the writes ``job``'s tracer deferred (its result); False if one failed.
+
+    The task has finished: a cancellation now (revoke, shutdown) does not stop the write halfway, and
+    the task is acked once it is stored, as it would have been had the write been made in the tracer.
+    """
+    written = asyncio.gather(*job.deferred, return_exceptions=True)
+    while True:
+        try:
+            outcomes = await asyncio.shield(written)
+            break
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+    failed = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
+    if failed is None:
+        return True
+    # Celery's tracer would have reported this as an internal error; here the message stays unacked, so
+    # the job runs again after the visibility timeout instead of its result being lost.
+    logger.error("asyncio pool: %s finished but its result was not stored (%s: %s); its message is not acked "
+                 "and is redelivered after the visibility timeout", job.label, type(failed).__name__, failed)
+    request = getattr(job.accept_callback, "__self__", None)
+    if request is not None:
+        from celery.worker.state import task_ready
+
+        task_ready(request)  # no longer active in this worker (inspect active, worker state)
+    return False
 
 
 def _revoked_before_start(job: Job) -> bool:

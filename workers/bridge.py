@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import greenlet
 
-__all__ = ["Interrupt", "LoopGreenlet", "await_only", "drive", "on_loop", "resolve", "run_in_greenlet"]
+__all__ = ["Interrupt", "LoopGreenlet", "await_only", "defer", "drive", "on_loop", "resolve", "run_in_greenlet"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +40,21 @@ class LoopGreenlet(greenlet.greenlet):
 
     task_label = "?"
     wrap: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None
+    # Work the task handed off without waiting for it (see defer); None: nobody settles it, so wait.
+    deferred: list[asyncio.Future[Any]] | None = None
+
+
+def defer(future: asyncio.Future[Any]) -> bool:
+    """Leave ``future`` for the asyncio pool to settle after the task's tracer returns, before its ack.
+
+    Returns False outside a task run by the pool, where the caller must wait for ``future`` itself. The
+    result backend uses it to write a task's result in a batch with the results of other tasks.
+    """
+    current = greenlet.getcurrent()
+    if not isinstance(current, LoopGreenlet) or current.deferred is None:
+        return False
+    current.deferred.append(future)
+    return True
 
 
 def on_loop() -> bool:
@@ -73,14 +88,16 @@ async def run_in_greenlet(
     *args: Any,
     label: str = "?",
     wrap: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None,
+    deferred: list[asyncio.Future[Any]] | None = None,
     **kwargs: Any,
 ) -> T:
     """Run sync ``fn`` in a new LoopGreenlet; what it awaits through await_only runs as part of this coroutine.
 
-    ``wrap`` decorates each awaitable before it is stepped (the pool passes :func:`drive`).
+    ``wrap`` decorates each awaitable before it is stepped (the pool passes :func:`drive`). ``deferred``
+    collects what ``fn`` hands off through :func:`defer`; the caller then waits for it.
     """
     glet = LoopGreenlet(fn)
-    glet.task_label, glet.wrap = label, wrap
+    glet.task_label, glet.wrap, glet.deferred = label, wrap, deferred
     # A new greenlet starts with an empty contextvars context; give it a copy of this Task's, as asyncio would.
     glet.gr_context = contextvars.copy_context()
     return await _trampoline(glet, args, kwargs)
