@@ -69,6 +69,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=1, help="runs per pool; the table shows medians (default: 1)")
     p.add_argument("--processes", type=int, default=1, help="worker processes for asyncio, gevent and threads "
                    "(`loopline worker --processes`); prefork and solo always run one (default: 1)")
+    p.add_argument("--task-log", action="store_true",
+                   help="workers log Celery's INFO line for each received and finished job; off by default, as at "
+                   "Celery's own default level (WARNING): writing two lines per job costs a tenth of a worker's CPU")
     p.add_argument("--out", type=Path, default=Path("results"), help="where run files go (default: results/)")
 
 
@@ -80,6 +83,7 @@ class Plan:
     concurrency: dict[str, int]
     processes: dict[str, int]
     repeats: int
+    task_log: bool = False
 
     def command(self, args: argparse.Namespace) -> str:
         """The command that reproduces this run, every default spelled out."""
@@ -89,6 +93,7 @@ class Plan:
             ",".join(f"{p}={c}" for p, c in self.concurrency.items()), "--jitter-ms", f"{args.jitter_ms:g}",
             "--error-rate", f"{args.error_rate:g}", "--payload-bytes", str(args.payload_bytes), "--task", args.task,
             "--repeat", str(self.repeats), "--processes", str(args.processes),
+            *(["--task-log"] if self.task_log else []),
         ])
 
 
@@ -112,7 +117,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         if not ok:
             raise ValueError(message)
     processes = {p: 1 if p in SINGLE_PROCESS_POOLS else args.processes for p in pools}
-    return Plan(pools, parse_concurrency(args.concurrency, pools), processes, args.repeat)
+    return Plan(pools, parse_concurrency(args.concurrency, pools), processes, args.repeat,
+                task_log=bool(getattr(args, "task_log", False)))
 
 
 def _ensure_broker(stack: ExitStack) -> None:
@@ -214,4 +220,5 @@ def _run_pools(plan: Plan, workload: Workload, run: RunFile, log_dir: Path) -> N
                     run.progress(result)
 
                 run.add(run_pool(pool, plan.concurrency[pool], workload, log_dir=log_dir, repeat=repeat,
-                                 processes=plan.processes[pool], on_progress=advance))
+                                 processes=plan.processes[pool], on_progress=advance,
+                                 env={"LOOPLINE_TASK_LOG": "1" if plan.task_log else "0"}))

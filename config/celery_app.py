@@ -193,6 +193,19 @@ def _apply_prefetch(sender: str | None = None, instance: Any = None, **_: Any) -
         logger.info("loopline: %s", profile.describe())
 
 
+@celeryd_after_setup.connect
+def _quiet_task_lines(sender: str | None = None, **_: Any) -> None:
+    """With LOOPLINE_TASK_LOG=0, leave out Celery's INFO lines for each received, retried and finished task.
+
+    They come from the ``celery.worker.strategy`` and ``celery.app.trace`` loggers, which decide once, when
+    the consumer builds its strategies and tracers (after this signal), whether INFO is on; warnings and
+    errors (a failed task) are still logged. Events, Flower and the result backend are unaffected.
+    """
+    if not settings.task_log:
+        for name in ("celery.worker.strategy", "celery.app.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 _applied: list[PoolProfile] = []
 
 

@@ -56,6 +56,7 @@ class Settings:
     max_message_bytes: int = 2 * 1024 * 1024
     redis_socket_timeout_s: float = 30.0
     event_flush_ms: float = 100.0
+    task_log: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -147,6 +148,8 @@ def _parse(name: str, type_: object, raw: str) -> object:
             if not math.isfinite(value):
                 raise ValueError(raw)
             return value
+        if type_s == "bool":
+            return _parse_bool(raw)
         if type_s == "Path":
             return Path(raw).expanduser()
         if type_s.startswith("tuple"):
@@ -154,6 +157,15 @@ def _parse(name: str, type_: object, raw: str) -> object:
     except ValueError:
         raise ConfigError(f"{var}={raw!r} is not a valid {type_s}") from None
     return raw
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:

@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--duration-s", type=int, default=8)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    parser.add_argument("--task-log", action="store_true", help="keep Celery's INFO line per job, as `loopline bench`")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "loopline-profile.txt")
     args = parser.parse_args()
     if shutil.which("py-spy") is None and not (Path(sys.executable).parent / "py-spy").exists():
@@ -60,12 +62,13 @@ def main() -> None:
     try:
         _fill(app, tasks.fetch_url, Workload("fetch_url", args.jobs, args.latency_ms, url), queue)
         worker = start_worker(args.pool, args.concurrency, queues=[queue],
-                              log_path=Path(tempfile.gettempdir()) / "loopline-profile-worker.log")
+                              log_path=Path(tempfile.gettempdir()) / "loopline-profile-worker.log",
+                              env={"LOOPLINE_TASK_LOG": "1" if args.task_log else "0"})
         try:
             time.sleep(3)
             py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             subprocess.run([py_spy, "record", "-p", str(worker.pid), "-d", str(args.duration_s), "-f", "raw",
-                            "-o", str(args.out), "--nonblocking", "--subprocesses"], check=True)
+                            "-o", str(args.out), "--nonblocking", "--subprocesses", "-r", str(args.rate)], check=True)
         finally:
             worker.stop()
     finally:

@@ -92,6 +92,13 @@ def test_processes_apply_to_the_pools_that_can_run_several() -> None:
     assert "--processes 2" in plan.command(build_parser().parse_args(["bench", "--processes", "2"]))
 
 
+def test_the_task_log_switch_is_off_by_default_and_kept_in_the_command() -> None:
+    quiet = build_parser().parse_args(["bench"])
+    logged = build_parser().parse_args(["bench", "--task-log"])
+    assert not plan_from_args(quiet).task_log and "--task-log" not in plan_from_args(quiet).command(quiet)
+    assert plan_from_args(logged).task_log and plan_from_args(logged).command(logged).endswith(" --task-log")
+
+
 def test_a_bad_argument_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     child = start_bench(["--pools", "asyncio,fibers", "--out", str(tmp_path / "out")], log_path=tmp_path / "log",
                         env=env_for())

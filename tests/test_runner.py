@@ -73,7 +73,16 @@ def test_a_worker_that_cannot_start_fails_with_its_reason(slow_target: str, tmp_
 def test_several_worker_processes_share_the_queue_and_the_limit_counts_them_all(slow_target: str,
                                                                                  tmp_path: Path) -> None:
     result = run_pool("asyncio", 2, Workload("fetch_url", 20, LATENCY_MS, slow_target), log_dir=tmp_path,
-                      processes=2)
+                      processes=2, env={"LOOPLINE_TASK_LOG": "0"})
     assert (result.jobs_ok, result.processes, result.slots) == (20, 2, 4)
     assert result.throughput_per_s <= result.little_limit_per_s(LATENCY_MS) * 1.05
-    assert "supervisor" in (tmp_path / "worker-asyncio-1.log").read_text()
+    log = (tmp_path / "worker-asyncio-1.log").read_text()
+    assert "supervisor" in log and log.count(" ready.") == 2
+    # LOOPLINE_TASK_LOG=0, as `loopline bench` runs its workers: no line per job, the worker's own lines stay.
+    assert "received" not in log and "succeeded in" not in log
+
+
+def test_a_worker_logs_a_line_per_job_by_default(slow_target: str, tmp_path: Path) -> None:
+    run_pool("asyncio", 4, Workload("fetch_url", 4, LATENCY_MS, slow_target), log_dir=tmp_path)
+    log = (tmp_path / "worker-asyncio-1.log").read_text()
+    assert log.count("] received") == 4 and log.count("] succeeded in") == 4

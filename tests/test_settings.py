@@ -16,6 +16,7 @@ GOOD_ENV = {
     "LOOPLINE_MAX_MESSAGE_BYTES": "4194304",
     "LOOPLINE_REDIS_SOCKET_TIMEOUT_S": "7.5",
     "LOOPLINE_EVENT_FLUSH_MS": "20",
+    "LOOPLINE_TASK_LOG": "off",
     "LOOPLINE_BROKER_URL": "redis://127.0.0.1:6390/1",
     "LOOPLINE_RESULT_BACKEND": "redis://:pw@127.0.0.1:6391/2",
     "LOOPLINE_HOME": "~/loopline-home",
@@ -41,6 +42,7 @@ PARSED = {
     "max_message_bytes": 4194304,
     "redis_socket_timeout_s": 7.5,
     "event_flush_ms": 20.0,
+    "task_log": False,
     "broker_url": "redis://127.0.0.1:6390/1",
     "result_backend": "redis://:pw@127.0.0.1:6391/2",
     "home": Path("~/loopline-home").expanduser(),
@@ -123,6 +125,7 @@ BAD = [
     ({"LOOPLINE_ASYNCIO_SYNC_THREADS": "many"}, "LOOPLINE_ASYNCIO_SYNC_THREADS"),
     ({"LOOPLINE_ASYNCIO_SHUTDOWN_GRACE_S": "30s"}, "LOOPLINE_ASYNCIO_SHUTDOWN_GRACE_S"),
     ({"LOOPLINE_ASYNCIO_BLOCKING_MS": "x"}, "LOOPLINE_ASYNCIO_BLOCKING_MS"),
+    ({"LOOPLINE_TASK_LOG": "maybe"}, "LOOPLINE_TASK_LOG"),
     # negative or zero
     ({"LOOPLINE_VISIBILITY_TIMEOUT_S": "-1"}, "LOOPLINE_VISIBILITY_TIMEOUT_S"),
     ({"LOOPLINE_TASK_TIME_LIMIT_S": "0"}, "LOOPLINE_TASK_TIME_LIMIT_S"),
@@ -163,6 +166,12 @@ def test_bad_value_raises_config_error_naming_the_variable(env: dict[str, str], 
     with pytest.raises(ConfigError) as info:
         Settings.from_env(env)
     assert variable in str(info.value)
+
+
+@pytest.mark.parametrize(("raw", "value"), [("1", True), ("TRUE", True), ("yes", True), ("On", True),
+                                            ("0", False), ("false", False), ("No", False), ("off", False)])
+def test_switches_read_the_usual_spellings(raw: str, value: bool) -> None:
+    assert Settings.from_env({"LOOPLINE_TASK_LOG": raw}).task_log is value
 
 
 def test_a_bad_value_is_quoted_in_the_message() -> None:
