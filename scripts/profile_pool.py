@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--duration-s", type=int, default=8)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    parser.add_argument("--gil", action="store_true",
+                        help="sample only the thread holding the GIL (py-spy --gil): the shares are then of CPU time")
     parser.add_argument("--task-log", action="store_true", help="keep Celery's INFO line per job, as `loopline bench`")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "loopline-profile.txt")
     args = parser.parse_args()
@@ -68,7 +70,8 @@ def main() -> None:
             time.sleep(3)
             py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             subprocess.run([py_spy, "record", "-p", str(worker.pid), "-d", str(args.duration_s), "-f", "raw",
-                            "-o", str(args.out), "--nonblocking", "--subprocesses", "-r", str(args.rate)], check=True)
+                            "-o", str(args.out), "--nonblocking", "--subprocesses", "-r", str(args.rate),
+                            *(["--gil"] if args.gil else [])], check=True)
         finally:
             worker.stop()
     finally:
