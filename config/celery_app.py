@@ -130,7 +130,8 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
     worker_cancel_long_running_tasks_on_connection_loss=False,
-    # A producer rides out a Redis restart (about 5 s of retries), then fails loudly with OperationalError.
+    # A producer rides out a Redis restart: the result subscription retries as result_backend_max_retries says
+    # (about 20 s), the publish 5 times; then tasks.base.LooplineTask.apply_async raises RedisUnavailable.
     task_publish_retry_policy={"max_retries": 5, "interval_start": 0, "interval_step": 0.5, "interval_max": 2},
     # A worker storing a result while Redis restarts retries for about 20 s instead of failing the job.
     result_backend_always_retry=True,

@@ -235,10 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from kombu.exceptions import KombuError  # e.g. tasks.errors.RedisUnavailable from `enqueue`
+
     args = build_parser().parse_args(argv)
     try:
         code: Any = args.func(args)
-    except (ConfigError, ValueError, OSError, RuntimeError) as exc:
+    except (ConfigError, ValueError, OSError, RuntimeError, KombuError) as exc:
         console.print(f"[red]loopline {args.command}: error:[/] {escape(str(exc))}")
         code = 2
     except KeyboardInterrupt:

@@ -8,11 +8,14 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery import Task
 from celery._state import _task_stack
+from kombu.exceptions import OperationalError
+from kombu.utils.url import maybe_sanitize_url
 
 from config.celery_app import settings
-from tasks.errors import InvalidJob, JobTooLarge
+from tasks.errors import InvalidJob, JobTooLarge, RedisUnavailable
 from workers.bridge import on_loop, resolve
 
 __all__ = ["IOTask", "LooplineTask", "is_coroutine_task"]
@@ -69,6 +72,29 @@ class LooplineTask(Task):
         finally:
             self.pop_request()
             _task_stack.pop()
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
+        """Celery's ``apply_async``; when Redis cannot be reached, one :class:`RedisUnavailable` that says so.
+
+        Celery first subscribes to the task's result channel (``RedisBackend.on_task_call``, retried as
+        ``result_backend_max_retries`` says), then publishes (retried per ``task_publish_retry_policy``).
+        Stock Celery ends the first with a bare RuntimeError ("The Celery application must be
+        restarted") and the second with kombu's OperationalError; either way nothing was published.
+        """
+        try:
+            return super().apply_async(args, kwargs, *rest, **options)
+        except RuntimeError as exc:
+            if not isinstance(exc.__cause__, redis.ConnectionError | redis.TimeoutError | OSError):
+                raise
+            raise self._unavailable(self.app.conf.result_backend, exc.__cause__) from exc
+        except OperationalError as exc:
+            if isinstance(exc, RedisUnavailable):
+                raise
+            raise self._unavailable(self.app.conf.broker_url, exc) from exc
+
+    def _unavailable(self, url: str | None, cause: BaseException) -> RedisUnavailable:
+        return RedisUnavailable(f"{self.name}: cannot reach {maybe_sanitize_url(url or '?')} "
+                                f"({type(cause).__name__}: {str(cause).strip()}); the job was not sent")
 
     async def delay_async(self, *args: Any, **kwargs: Any) -> Any:
         """``delay`` for asyncio code: validates and sends on a worker thread, never blocking the loop."""

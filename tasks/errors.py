@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["BodyTooLarge", "FetchFailed", "InvalidJob", "JobTooLarge", "WebhookRejected"]
+from kombu.exceptions import OperationalError
+
+__all__ = ["BodyTooLarge", "FetchFailed", "InvalidJob", "JobTooLarge", "RedisUnavailable", "WebhookRejected"]
 
 
 class InvalidJob(ValueError):
@@ -23,3 +25,10 @@ class BodyTooLarge(FetchFailed):
 
 class WebhookRejected(Exception):
     """The receiver refused the delivery with a 4xx status that retrying cannot fix."""
+
+
+class RedisUnavailable(OperationalError):
+    """``.delay()`` could not reach Redis after its retries; the job was not sent.
+
+    A kombu ``OperationalError``, so code that catches the broker's own error keeps working.
+    """

@@ -7,6 +7,7 @@ because ``config.celery_app`` reads ``LOOPLINE_BROKER_URL`` when it is first imp
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -30,11 +31,21 @@ _session: dict[str, object] = {}
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Nothing from the caller's environment may point a test (or a worker it starts) elsewhere, e.g. a
+    # LOOPLINE_RESULT_BACKEND at the shared Redis: the suite uses only what it starts here.
+    for name in [name for name in os.environ if name.startswith(("LOOPLINE_", "CELERY_"))]:
+        del os.environ[name]
     home = Path(tempfile.mkdtemp(prefix="loopline-test-"))
+    _session["home"] = home
     server = EmbeddedRedis(home / "redis")
     status = server.up()
-    target, url = start_target(0.0, log_path=home / "target.log")
-    _session.update(home=home, redis=server, redis_url=status.url, target=target, target_url=url)
+    _session.update(redis=server, redis_url=status.url)  # recorded at once: pytest_unconfigure stops it
+    try:
+        target, url = start_target(0.0, log_path=home / "target.log")
+    except BaseException:
+        server.down()
+        raise
+    _session.update(target=target, target_url=url)
     os.environ.update({
         "LOOPLINE_BROKER_URL": status.url,
         "LOOPLINE_HOME": str(home),
@@ -51,6 +62,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     server = _session.get("redis")
     if isinstance(server, EmbeddedRedis):
         server.down()
+    home = _session.get("home")
+    if isinstance(home, Path):
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

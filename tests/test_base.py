@@ -1,0 +1,65 @@
+"""tasks.base: what a producer sees when Redis cannot be reached, and async enqueueing of one job."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from kombu.exceptions import OperationalError
+
+from tasks import io_sleep
+from tasks.errors import InvalidJob, RedisUnavailable
+
+# A producer process whose Redis is a closed loopback port; fewer retries than the app's 20 keep it short.
+PRODUCER = textwrap.dedent("""
+    import json, sys
+    from config.celery_app import app
+    app.conf.result_backend_max_retries = 2
+    from tasks import io_sleep
+    from tasks.errors import RedisUnavailable
+    try:
+        io_sleep.delay(1)
+    except RedisUnavailable as exc:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc),
+                          "operational": isinstance(exc, __import__("kombu").exceptions.OperationalError)}))
+        sys.exit(0)
+    sys.exit("no error")
+""")
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_delay_without_redis_raises_one_error_that_names_the_url_and_says_nothing_was_sent() -> None:
+    port = _closed_port()
+    env = {**os.environ, "LOOPLINE_BROKER_URL": f"redis://:secret@127.0.0.1:{port}/0"}
+    env.pop("LOOPLINE_RESULT_BACKEND", None)
+    done = subprocess.run([sys.executable, "-c", PRODUCER], env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["error"] == "RedisUnavailable"
+    assert report["operational"] is True  # code that catches kombu's OperationalError keeps working
+    message = report["message"]
+    assert message.startswith("tasks.io_sleep: cannot reach redis://:**@127.0.0.1:")
+    assert f":{port}/0" in message and "the job was not sent" in message
+    assert "secret" not in message
+    assert "must be restarted" not in message
+
+
+def test_redis_unavailable_is_a_kombu_operational_error() -> None:
+    assert issubclass(RedisUnavailable, OperationalError)
+
+
+@pytest.mark.parametrize("bad", [-1, "soon"])
+def test_delay_async_validates_before_sending(bad: object) -> None:
+    with pytest.raises(InvalidJob, match=r"ms must be a number in \[0, 3600000\]"):
+        asyncio.run(io_sleep.delay_async(bad))
