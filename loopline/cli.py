@@ -86,19 +86,24 @@ def _worker_help() -> str:
 # -- enqueue ----------------------------------------------------------------------------------------------
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    from config.celery_app import app
     from loopline.enqueue import jobs_from_args, send, wait
+    from tasks.producer import release_result_subscriptions
 
     jobs = jobs_from_args(args.task, args.values, args.file, args.payload, args.secret)
-    results = send(jobs, args.queue)
-    if not args.wait:
-        for res in results:
-            print(res.id)
-        return 0
-    failed = 0
-    for task_id, state, value in wait(results, args.timeout_s):
-        failed += state != "SUCCESS"
-        print(json.dumps({"id": task_id, "state": state, "result": value}, default=str))
-    return 1 if failed else 0
+    try:
+        results = send(jobs, args.queue)
+        if not args.wait:
+            for res in results:
+                print(res.id)
+            return 0
+        failed = 0
+        for task_id, state, value in wait(results, args.timeout_s):
+            failed += state != "SUCCESS"
+            print(json.dumps({"id": task_id, "state": state, "result": value}, default=str))
+        return 1 if failed else 0
+    finally:
+        release_result_subscriptions(app)
 
 
 # -- flower -----------------------------------------------------------------------------------------------

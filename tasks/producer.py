@@ -21,7 +21,7 @@ from typing import Any
 from celery import Task
 from celery.result import AsyncResult
 
-__all__ = ["BATCH_MAX_COMMANDS", "Call", "asend_many", "send_many"]
+__all__ = ["BATCH_MAX_COMMANDS", "Call", "asend_many", "release_result_subscriptions", "send_many"]
 
 Call = tuple[Sequence[Any], dict[str, Any]]
 # kombu flushes its publish pipeline every this many Redis commands.
@@ -46,3 +46,22 @@ def send_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncRe
 async def asend_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncResult]:
     """:func:`send_many` without blocking the running event loop (the send runs on a worker thread)."""
     return await asyncio.to_thread(send_many, task, list(calls), **options)
+
+
+def release_result_subscriptions(app: Any) -> None:
+    """Before a producer exits: drop its result subscriptions and close their connection.
+
+    Each ``AsyncResult`` unsubscribes from its Redis channel when it is garbage-collected
+    (``celery.backends.redis.ResultConsumer.cancel_for``); at interpreter exit that runs after Redis or
+    the import system is gone, and prints a "must be restarted" or ``sys.meta_path is None`` traceback.
+    """
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is None:
+        return
+    subscribed = getattr(consumer, "subscribed_to", None)
+    if isinstance(subscribed, set):
+        subscribed.clear()
+    try:
+        consumer.stop()
+    except Exception:  # noqa: BLE001 - the connection may already be gone; there is nothing left to release
+        pass

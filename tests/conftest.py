@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -56,6 +57,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if "config.celery_app" in sys.modules:  # results still referenced would unsubscribe after Redis stopped
+        from config.celery_app import app
+        from tasks.producer import release_result_subscriptions
+
+        release_result_subscriptions(app)
     target = _session.get("target")
     if isinstance(target, Child):
         target.stop(5)

@@ -102,8 +102,7 @@ class Job:
     # -- the ApplyResult protocol (celery.worker.request.Request.terminate calls .terminate) --------------
     def terminate(self, signal: int | None = None) -> None:
         self.terminated = True
-        if self.task is not None:
-            self.pool.loop.call_soon_threadsafe(self.task.cancel)
+        self.pool.loop.call_soon_threadsafe(self.pool._terminate, self)
 
     def wait(self, timeout: float | None = None) -> None:  # pragma: no cover - part of the protocol
         return None
@@ -133,6 +132,8 @@ class TaskPool(BasePool):
         # Bumped by flush() on the consumer's thread: a job handed over before it must not start after it,
         # even if its slot frees up before the loop gets to _drop_waiting.
         self.generation = 0
+        self._stopping = False
+        self._grace_cut: asyncio.Future[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def on_start(self) -> None:
@@ -148,33 +149,55 @@ class TaskPool(BasePool):
         self.loop.run_forever()
 
     def on_stop(self) -> None:
-        """Warm shutdown: let in-flight tasks finish for the grace period, then cancel the rest unacked."""
-        self._shutdown(self.settings.asyncio_shutdown_grace_s)
+        """Warm shutdown: let in-flight tasks finish for the grace period, then cancel the rest unacked.
+
+        Celery's cold shutdown (``celery.apps.worker.on_cold_shutdown``: SIGQUIT, a second Ctrl-C) also
+        ends here, after setting ``state.should_terminate``: then there is no grace period.
+        """
+        from celery.worker import state
+
+        self._shutdown(0.0 if state.should_terminate else self.settings.asyncio_shutdown_grace_s)
 
     def on_terminate(self) -> None:
         """Cold shutdown: cancel everything now; nothing in flight is acked, so all of it is redelivered."""
         self._shutdown(0.0)
 
     def _shutdown(self, grace_s: float) -> None:
-        if self._thread is None or not self._thread.is_alive():
+        thread = self._thread
+        if thread is None or not thread.is_alive():
             return
+        if self._stopping:
+            # A cold shutdown while a warm one waits out its grace period (a signal handler, run inside the
+            # wait below): cut the grace short; the first call finishes the stop.
+            self.loop.call_soon_threadsafe(self._cut_grace)
+            return
+        self._stopping = True
+        self.flush()  # a job still waiting for a slot must not start while the others drain
         future = asyncio.run_coroutine_threadsafe(self._drain(grace_s), self.loop)
         try:
             future.result(grace_s + STOP_TIMEOUT_S)
         except Exception:
             logger.exception("asyncio pool: shutdown did not complete cleanly")
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(STOP_TIMEOUT_S)
+        thread.join(STOP_TIMEOUT_S)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._thread = None
+
+    def _cut_grace(self) -> None:
+        if self._grace_cut is not None and not self._grace_cut.done():
+            self._grace_cut.set_result(None)
 
     async def _drain(self, grace_s: float) -> None:
         if self._probe is not None:
             self._probe.cancel()
-        pending = [job.task for job in self.jobs if job.task is not None]
+        self._grace_cut = self.loop.create_future()
+        pending = [job.task for job in self.jobs if job.task is not None and job.started]
         if pending and grace_s > 0:
             logger.info("asyncio pool: waiting up to %.0f s for %d running tasks", grace_s, len(pending))
-            await asyncio.wait(pending, timeout=grace_s)
+            finished = asyncio.ensure_future(asyncio.wait(pending))
+            either: list[asyncio.Future[Any]] = [finished, self._grace_cut]
+            await asyncio.wait(either, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+            finished.cancel()
         leftover = [job for job in self.jobs if job.task is not None and not job.task.done()]
         if leftover:
             logger.warning("asyncio pool: cancelling %d unfinished tasks; they stay unacked and are redelivered",
@@ -211,6 +234,21 @@ class TaskPool(BasePool):
         self.generation += 1
         if self._thread is not None:
             self.loop.call_soon_threadsafe(self._drop_waiting)
+
+    def _terminate(self, job: Job) -> None:
+        """``revoke(terminate=True)``, on the loop: cancel the job, and settle its message if nobody else will.
+
+        ``celery.worker.request.Request.terminate`` announces the revoke (REVOKED, ``task-revoked``, ack)
+        itself only for a task that has started; for one still waiting for a slot it leaves that to
+        ``on_accepted``, which a cancelled job never reaches. ``Request.revoked()`` does it here instead:
+        the id is in the worker's revoked set by now, and it acts once per request.
+        """
+        if job.task is not None and not job.task.done():
+            job.task.cancel()
+        request = getattr(job.accept_callback, "__self__", None)
+        if request is not None and not getattr(request, "_already_revoked", False) and callable(
+                getattr(request, "revoked", None)):
+            request.revoked()
 
     def _drop_waiting(self) -> None:
         waiting = [job for job in self.jobs if not job.started and job.task is not None and not job.task.done()]

@@ -34,6 +34,14 @@ class Consumer(DeadLetterConsumer):
 
         hub.call_repeatedly(settings.event_flush_ms / 1000, self._flush_events)
 
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        # Celery closes the broken connection here (the Redis channel puts every unacked message back in its
+        # queue) and only then, from on_close, calls pool.flush(). A job of the asyncio pool that was waiting
+        # for a slot could start in between and then run twice; flushed first, it never starts.
+        if self.pool is not None:
+            self.pool.flush()
+        super().on_connection_error_after_connected(exc)
+
     def on_send_event_buffered(self) -> None:
         """Leave the buffer to the timer (Celery's flushes on the next loop iteration)."""
 
