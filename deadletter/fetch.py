@@ -23,9 +23,11 @@ MAX_BATCH = 64  # entries per fetch: a worker with room for more takes them in o
 # KEYS: the queue keys in priority order, then kombu's unacked hash and unacked index.
 # ARGV: the time to record (seconds, like QoS.append), the largest entry to record (0: no limit), and the
 # most entries to take (the consumer's prefetch credit, capped at MAX_BATCH).
-# Returns {key, entry, 1, key, entry, 1, ...}: a triple per entry taken, oldest first, with 1 when the entry
-# was recorded as unacked and 0 when it is not a usable envelope (the client dead-letters it); or nil when
-# every queue is empty.
+# Returns {key, entry, tag, key, entry, 0, ...}: a triple per entry taken, oldest first, with the delivery tag
+# (a string) under which the entry was recorded as unacked, or the integer 0 when it is not a usable envelope
+# (the client dead-letters it); or nil when every queue is empty. The tag is the one read here: Lua's cjson
+# accepts some JSON that Python's refuses (``01``, ``0x10``, ``nan``), and such an entry, recorded here but
+# refused by the client, must be unrecorded without parsing it again.
 POP_SCRIPT = """
 local n = #KEYS - 2
 local limit = tonumber(ARGV[2])
@@ -49,7 +51,7 @@ for i = 1, n do
       redis.call('HSET', KEYS[n + 1], tag,
         '[' .. entry .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
       redis.call('RPOP', KEYS[i])
-      taken[#taken + 1] = KEYS[i]; taken[#taken + 1] = entry; taken[#taken + 1] = 1
+      taken[#taken + 1] = KEYS[i]; taken[#taken + 1] = entry; taken[#taken + 1] = tag
     end
   end
 end

@@ -234,20 +234,29 @@ class Channel(kombu_redis.Channel):
                 self._flush_brpop_reauth()
 
     def _deliver_popped(self, reply: list[Any]) -> bool:
-        """Deliver each entry of a POP_SCRIPT reply: (key, entry, recorded) triples."""
+        """Deliver each entry of a POP_SCRIPT reply: (key, entry, recorded tag or 0) triples.
+
+        Every entry is delivered even if one delivery raises (the first error is raised afterwards): the
+        entries after it are already popped and recorded, and would otherwise wait for the visibility timeout.
+        """
+        failure: Exception | None = None
         for at in range(0, len(reply), 3):
             key, entry, recorded = reply[at:at + 3]
             queue = bytes_to_str(key)[len(self.global_keyprefix):].rsplit(self.sep, 1)[0]
             payload = self._checked(entry, queue)
             if payload is None:
-                if recorded:
-                    tag = json.loads(entry)["properties"]["delivery_tag"]
-                    self.qos._remove_from_indices(tag).execute()
+                if isinstance(recorded, bytes):  # recorded by the script, refused here: unrecord it
+                    self.qos._remove_from_indices(bytes_to_str(recorded)).execute()
                 continue
-            if recorded:
+            if isinstance(recorded, bytes):
                 self._recorded.add(payload["properties"]["delivery_tag"])
-            self.connection._deliver(payload, queue)
+            try:
+                self.connection._deliver(payload, queue)
+            except Exception as exc:  # noqa: BLE001 - raised below, once the rest of the batch is delivered
+                failure = failure or exc
         self._queue_cycle.rotate(queue)
+        if failure is not None:
+            raise failure
         return True
 
     def _guarded_brpop_read(self, **options: Any) -> bool:

@@ -65,6 +65,9 @@ def bad_messages(queue: str, marker: Path) -> dict[str, tuple[bytes, str, str]]:
         "body not [args, kwargs, embed]": (envelope(queue, json.dumps({"x": [1]}).encode()), Reason.INVALID,
                                            "[args, kwargs, embed]"),
         "oversized": (envelope(queue, b"x" * too_big), Reason.OVERSIZED, "LOOPLINE_MAX_MESSAGE_BYTES"),
+        # Lua's cjson (the fetch script) reads this envelope and records it; Python's json refuses it.
+        "JSON only Lua reads": (envelope(queue, json.dumps([[1], {}, {}]).encode()).replace(
+            b'"priority": 0', b'"priority": 00'), Reason.UNDECODABLE, "not JSON"),
     }
 
 
