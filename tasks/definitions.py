@@ -14,7 +14,7 @@ from typing import Any
 from config.celery_app import app, settings
 from tasks import http_async, http_sync
 from tasks.base import IOTask
-from tasks.errors import FetchFailed, WebhookRejected
+from tasks.errors import FetchFailed, GuardRefused, WebhookRejected
 from tasks.specs import FetchRequest, SleepRequest, WebhookRequest, WebhookResult, now_s
 from tasks.webhook_policy import (
     Verdict,
@@ -75,6 +75,8 @@ class _Attempt:
     def settle(self, task: IOTask, outcome: tuple[int, str | None] | FetchFailed) -> dict[str, Any]:
         """The result of a delivered attempt; otherwise raise: rejected, or retry with backoff."""
         retry_after_s = None
+        if isinstance(outcome, GuardRefused):  # the address is refused; it will be on every try
+            raise WebhookRejected(f"{outcome}; not retried")
         if isinstance(outcome, FetchFailed):
             problem: Exception = outcome
         else:
@@ -86,6 +88,9 @@ class _Attempt:
                     elapsed_ms=round((time.perf_counter() - self.t0) * 1000, 3), started_at=self.started_at,
                     finished_at=now_s(),
                 ).as_dict()
+            if verdict is Verdict.REJECTED and 300 <= status < 400:
+                raise WebhookRejected(f"POST {self.req.url} answered {status}, a redirect; webhooks are not "
+                                      "redirected, so it was not delivered; not retried")
             if verdict is Verdict.REJECTED:
                 raise WebhookRejected(f"POST {self.req.url} was rejected with {status}; not retried")
             retry_after_s = parse_retry_after(retry_after)
@@ -120,8 +125,10 @@ def deliver_webhook(
 ) -> dict[str, Any]:
     """POST ``payload`` as JSON, signed with HMAC-SHA256 when ``secret`` is given.
 
-    5xx, 408, 429, timeouts and connection errors are retried with jittered exponential backoff
-    (429 waits for ``Retry-After``) up to ``LOOPLINE_WEBHOOK_MAX_RETRIES`` times; other 4xx fail at once.
+    5xx, 408, 429, timeouts, connection errors and hosts that do not resolve are retried with jittered
+    exponential backoff (a ``Retry-After`` answer waits that long, up to ``LOOPLINE_WEBHOOK_BACKOFF_MAX_S``)
+    up to ``LOOPLINE_WEBHOOK_MAX_RETRIES`` times; other 4xx, redirects and addresses the URL guard refuses
+    fail at once.
     """
     attempt = _Attempt(_webhook_spec(url, payload, secret, headers, timeout_s))
     try:

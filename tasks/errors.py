@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from kombu.exceptions import OperationalError
 
-__all__ = ["BodyTooLarge", "FetchFailed", "InvalidJob", "JobTooLarge", "RedisUnavailable", "WebhookRejected"]
+__all__ = ["BodyTooLarge", "FetchFailed", "GuardRefused", "InvalidJob", "JobTooLarge", "RedisUnavailable",
+           "WebhookRejected"]
 
 
 class InvalidJob(ValueError):
@@ -17,6 +18,11 @@ class JobTooLarge(InvalidJob):
 
 class FetchFailed(Exception):
     """The remote end could not be reached or answered in a way the task cannot use."""
+
+
+class GuardRefused(FetchFailed):
+    """The URL guard refused the address at run time (a host that resolves to a private address, a redirect to
+    one); asking again will not change that. A host that does not resolve is a plain FetchFailed."""
 
 
 class BodyTooLarge(FetchFailed):

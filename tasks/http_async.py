@@ -8,10 +8,10 @@ from urllib.parse import urljoin
 
 import aiohttp
 
-from tasks.errors import BodyTooLarge, FetchFailed
+from tasks.errors import BodyTooLarge, FetchFailed, GuardRefused
 from tasks.http_sync import CHUNK_BYTES, MAX_REDIRECTS, REDIRECT_CODES
 from tasks.specs import FetchRequest, FetchResult, WebhookRequest, now_s
-from tasks.urlguard import GuardedUrl, UrlRefused, aresolve_and_check, check_url
+from tasks.urlguard import GuardedUrl, HostUnresolvable, UrlRefused, aresolve_and_check, check_url
 from workers.loop_resources import http_session
 
 __all__ = ["fetch", "post"]
@@ -22,8 +22,10 @@ async def _guard(url: str, req: FetchRequest | WebhookRequest) -> None:
         guarded: GuardedUrl = check_url(url, req.allowlist)
         if guarded.ip is None:
             await aresolve_and_check(url, req.allowlist)
-    except UrlRefused as exc:
+    except HostUnresolvable as exc:
         raise FetchFailed(str(exc)) from None
+    except UrlRefused as exc:
+        raise GuardRefused(str(exc)) from None
 
 
 def _timeout(deadline: float, url: str) -> aiohttp.ClientTimeout:

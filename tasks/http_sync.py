@@ -9,9 +9,9 @@ from urllib.parse import urljoin
 
 import requests
 
-from tasks.errors import BodyTooLarge, FetchFailed
+from tasks.errors import BodyTooLarge, FetchFailed, GuardRefused
 from tasks.specs import FetchRequest, FetchResult, WebhookRequest, now_s
-from tasks.urlguard import UrlRefused, resolve_and_check
+from tasks.urlguard import HostUnresolvable, UrlRefused, resolve_and_check
 
 __all__ = ["CHUNK_BYTES", "MAX_REDIRECTS", "REDIRECT_CODES", "fetch", "post"]
 
@@ -81,8 +81,10 @@ def post(req: WebhookRequest, body: bytes, headers: dict[str, str]) -> tuple[int
 def _guard(url: str, req: FetchRequest | WebhookRequest) -> None:
     try:
         resolve_and_check(url, req.allowlist)
-    except UrlRefused as exc:
+    except HostUnresolvable as exc:
         raise FetchFailed(str(exc)) from None
+    except UrlRefused as exc:
+        raise GuardRefused(str(exc)) from None
 
 
 def _remaining(deadline: float, url: str) -> float:

@@ -40,6 +40,7 @@ from config.settings import redact_url
 __all__ = [
     "Allowlist",
     "GuardedUrl",
+    "HostUnresolvable",
     "IPAddress",
     "UrlRefused",
     "aresolve_and_check",
@@ -274,8 +275,12 @@ def _check_resolved(guarded: GuardedUrl, allow: Allowlist, addresses: list[str])
     return [check_address(address, allow, url=guarded.url) for address in addresses]
 
 
+class HostUnresolvable(UrlRefused):
+    """The host did not resolve (now): unlike the other refusals, this one may pass on a later try."""
+
+
 def _unresolvable(guarded: GuardedUrl, exc: Exception) -> UrlRefused:
-    return UrlRefused(guarded.url, f"host {guarded.host} does not resolve ({exc})")
+    return HostUnresolvable(guarded.url, f"host {guarded.host} does not resolve ({exc})")
 
 
 def _system_resolve(host: str, port: int) -> list[str]:

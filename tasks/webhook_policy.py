@@ -64,8 +64,9 @@ def signature_headers(secret: str | None, body: bytes, now_s: float | None = Non
 
 
 def verdict_for_status(status: int) -> Verdict:
-    """2xx/3xx delivered; 5xx and 429 (and 408) are worth another try; any other 4xx will fail again."""
-    if status < 400:
+    """2xx delivered; 5xx and 429 (and 408) are worth another try; a redirect (webhooks are not redirected)
+    and any other 4xx will fail again."""
+    if status < 300:
         return Verdict.DELIVERED
     if status >= 500 or status in (408, 429):
         return Verdict.RETRY

@@ -8,11 +8,13 @@ import signal
 from collections.abc import Callable
 
 import pytest
+import redis
 import requests
 
 from bench.procs import Child
 from tasks import deliver_webhook, fetch_url, io_sleep
-from tasks.errors import InvalidJob, JobTooLarge
+from tasks.definitions import _Attempt, _webhook_spec
+from tasks.errors import BodyTooLarge, FetchFailed, GuardRefused, InvalidJob, JobTooLarge, WebhookRejected
 from tasks.webhook_policy import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 
 POOLS = ["prefork", "threads", "gevent", "solo"]
@@ -53,12 +55,15 @@ def test_fetch_follows_redirects_and_reports_final_url(
     assert result["bytes"] == 7
 
 
+@pytest.mark.parametrize("pool", ["threads", "asyncio"])  # the sync and the async HTTP bodies
 def test_redirect_to_a_guarded_address_fails_and_says_why(
-    worker: Callable[..., Child], queue: str, target_url: str
+    pool: str, worker: Callable[..., Child], queue: str, target_url: str
 ) -> None:
-    worker("threads", 2)
-    res = fetch_url.apply_async((f"{target_url}/redirect?to=http://169.254.169.254/latest/",), queue=queue)
-    with pytest.raises(Exception, match="169.254.169.254"):
+    worker(pool, 2)
+    # Loopback but not the allowlisted 127.0.0.1, and nothing listens on port 9: were the per-hop check to
+    # regress, the worker would get "connection refused" from this machine, never reach another one.
+    res = fetch_url.apply_async((f"{target_url}/redirect?to=http://127.0.0.2:9/latest/",), queue=queue)
+    with pytest.raises(GuardRefused, match=r"refused http://127\.0\.0\.2:9/latest/: .*loopback"):
         res.get(timeout=30)
     assert res.state == "FAILURE"
 
@@ -68,7 +73,7 @@ def test_body_over_max_bytes_fails_and_worker_keeps_serving(
 ) -> None:
     worker("threads", 2)
     big = fetch_url.apply_async((f"{target_url}/job?bytes=5000",), {"max_bytes": 1000}, queue=queue)
-    with pytest.raises(Exception, match="max_bytes=1000"):
+    with pytest.raises(BodyTooLarge, match="max_bytes=1000"):
         big.get(timeout=30)
     assert fetch_url.apply_async((f"{target_url}/job",), queue=queue).get(timeout=30)["status"] == 200
 
@@ -84,9 +89,12 @@ def test_body_over_max_bytes_fails_and_worker_keeps_serving(
         (("http://127.0.0.1/",), {"headers": {"a": 1}}, "headers"),
     ],
 )
-def test_bad_fetch_input_fails_at_delay(args: tuple[object, ...], kwargs: dict[str, object], message: str) -> None:
+def test_bad_fetch_input_fails_at_delay(
+    args: tuple[object, ...], kwargs: dict[str, object], message: str, queue: str, redis_client: redis.Redis
+) -> None:
     with pytest.raises(InvalidJob, match=message):
-        fetch_url.delay(*args, **kwargs)
+        fetch_url.apply_async(args, kwargs, queue=queue)
+    assert redis_client.llen(queue) == 0  # nothing was sent (a worker would fetch it)
 
 
 def test_non_json_argument_fails_at_delay() -> None:
@@ -156,8 +164,6 @@ def test_webhook_500_then_200_is_retried(worker: Callable[..., Child], queue: st
 
 
 def test_webhook_400_is_not_retried(worker: Callable[..., Child], queue: str, target_url: str) -> None:
-    from tasks.errors import WebhookRejected
-
     worker("threads", 2)
     result = deliver_webhook.apply_async((f"{target_url}/hook/bad?script=400,200", {}), queue=queue)
     with pytest.raises(WebhookRejected, match="400"):
@@ -165,10 +171,27 @@ def test_webhook_400_is_not_retried(worker: Callable[..., Child], queue: str, ta
     assert len(_attempts(target_url, "bad")) == 1
 
 
+def test_webhook_redirect_is_not_followed_nor_retried(
+    worker: Callable[..., Child], queue: str, target_url: str
+) -> None:
+    worker("asyncio", 2)
+    result = deliver_webhook.apply_async((f"{target_url}/hook/moved?script=301,200", {}), queue=queue)
+    with pytest.raises(WebhookRejected, match="answered 301, a redirect"):
+        result.get(timeout=30)
+    assert len(_attempts(target_url, "moved")) == 1
+
+
+def test_webhook_to_an_address_the_guard_refuses_at_run_time_is_not_retried() -> None:
+    attempt = _Attempt(_webhook_spec("http://hooks.example/x", {"a": 1}))
+    refused = GuardRefused("refused http://hooks.example/x: 10.0.0.5 is a private address")
+    with pytest.raises(WebhookRejected, match="10.0.0.5 is a private address; not retried"):
+        attempt.settle(deliver_webhook, refused)  # raises before it would look at the task's retries
+
+
 def test_webhook_gives_up_after_max_retries(worker: Callable[..., Child], queue: str, target_url: str) -> None:
     worker("threads", 2)
     result = deliver_webhook.apply_async((f"{target_url}/hook/down?script=502", {}), queue=queue)
-    with pytest.raises(Exception, match="502"):
+    with pytest.raises(FetchFailed, match="answered 502"):
         result.get(timeout=30)
     assert len(_attempts(target_url, "down")) == 1 + 3  # LOOPLINE_WEBHOOK_MAX_RETRIES=3 in conftest
 

@@ -89,7 +89,10 @@ def test_payload_encoding_is_canonical() -> None:
     [
         (200, Verdict.DELIVERED),
         (204, Verdict.DELIVERED),
-        (301, Verdict.DELIVERED),
+        (299, Verdict.DELIVERED),
+        (301, Verdict.REJECTED),
+        (302, Verdict.REJECTED),
+        (308, Verdict.REJECTED),
         (400, Verdict.REJECTED),
         (401, Verdict.REJECTED),
         (404, Verdict.REJECTED),

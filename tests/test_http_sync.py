@@ -1,0 +1,31 @@
+"""tasks.http_sync: how a refusal by the URL guard reaches the tasks (the HTTP itself runs in test_definitions)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks import http_sync
+from tasks.definitions import _fetch_spec
+from tasks.errors import FetchFailed, GuardRefused
+from tasks.urlguard import HostUnresolvable, UrlRefused
+
+URL = "http://hooks.example/x"
+
+
+def _raising(exc: Exception):  # type: ignore[no-untyped-def]
+    def resolve(*_: object, **__: object) -> None:
+        raise exc
+    return resolve
+
+
+def test_an_address_the_guard_refuses_is_a_guard_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_sync, "resolve_and_check", _raising(UrlRefused(URL, "10.0.0.5 is a private address")))
+    with pytest.raises(GuardRefused, match="10.0.0.5 is a private address"):
+        http_sync._guard(URL, _fetch_spec(URL))
+
+
+def test_a_host_that_does_not_resolve_is_a_plain_fetch_failure_worth_retrying(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_sync, "resolve_and_check", _raising(HostUnresolvable(URL, "host does not resolve")))
+    with pytest.raises(FetchFailed, match="does not resolve") as raised:
+        http_sync._guard(URL, _fetch_spec(URL))
+    assert not isinstance(raised.value, GuardRefused)
