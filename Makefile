@@ -1,4 +1,5 @@
-# loopline: `make demo` and `make test` work from a fresh clone with nothing but Python 3.11+.
+# loopline: `make demo` and `make test` work from a fresh clone with nothing but Python 3.11+ (make test: and
+# Debian's chromium, which it installs as root when missing).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ DEMO_SERVE ?= 1
 DEMO_PORT ?= 8000
 DEMO_RESULTS ?= results
 
-.PHONY: install lint test demo clean
+.PHONY: install lint test browser demo clean
 
 install: $(STAMP)
 
@@ -23,8 +24,20 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest
+
+# The dashboard's browser tests drive Debian's chromium through Playwright; no browser is ever downloaded.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the dashboard's browser tests"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else \
+	    echo "make test needs chromium for the dashboard's browser tests: run 'apt-get install chromium' as root" >&2; \
+	    exit 1; \
+	  fi; }
 
 # A small bench over every pool, its table, then the dashboard on it until Ctrl-C (DEMO_SERVE=0: stop after the table).
 demo: install

@@ -71,7 +71,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    "(`loopline worker --processes`); prefork and solo always run one (default: 1)")
     p.add_argument("--task-log", action="store_true",
                    help="workers log Celery's INFO line for each received and finished job; off by default, as at "
-                   "Celery's own default level (WARNING): two lines per job cost an asyncio worker a tenth to a "
+                   "Celery's own default level (WARNING): two lines per job cost an asyncio worker 7 %% to a "
                    "quarter of its CPU")
     p.add_argument("--out", type=Path, default=Path("results"), help="where run files go (default: results/)")
 

@@ -30,10 +30,14 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 def add_dlq_arguments(p: argparse.ArgumentParser) -> None:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = actions.add_parser("list", help="one line per entry, oldest first")
+    a = actions.add_parser("list", help="one line per entry, oldest first",
+                           description="List dead-lettered entries, one line each, oldest first: id, reason, task, "
+                                       "deliveries, when and the error.")
     a.add_argument("--limit", type=int, default=100, help="show at most this many (default: %(default)s)")
     a.add_argument("--json", action="store_true", help="print one JSON object per line instead of a table")
-    a = actions.add_parser("show", help="print one entry as JSON: arguments, error, traceback, raw message")
+    a = actions.add_parser("show", help="print one entry as JSON: arguments, error, traceback, raw message",
+                           description="Print one dead-lettered entry as JSON: its arguments, error, traceback and, "
+                                       "for a message that could not be read, the raw message.")
     a.add_argument("id", help="entry id (the task id, or msg-... for a message without one)")
     a = actions.add_parser("replay", help="send entries' jobs again under their task ids and remove them",
                            description="Send each entry's job again (same task id, so a caller waiting on its "
@@ -42,7 +46,8 @@ def add_dlq_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("ids", nargs="*", help="entry ids")
     a.add_argument("--all", action="store_true", help="every replayable entry")
     a.add_argument("--queue", help="send to this queue instead of the one each job came from")
-    a = actions.add_parser("purge", help="delete entries for good")
+    a = actions.add_parser("purge", help="delete entries for good",
+                           description="Delete dead-lettered entries for good: the given ids, or --all.")
     a.add_argument("ids", nargs="*", help="entry ids")
     a.add_argument("--all", action="store_true", help="every entry")
 
@@ -79,8 +84,10 @@ def _list(store: DeadLetterStore, args: argparse.Namespace) -> int:
 
 
 def _chosen(store: DeadLetterStore, args: argparse.Namespace) -> list[str]:
-    if args.all == bool(args.ids):
-        raise ValueError(f"dlq {args.action}: give entry ids or --all (not both)")
+    if args.all and args.ids:
+        raise ValueError(f"dlq {args.action}: give entry ids or --all, not both")
+    if not args.all and not args.ids:
+        raise ValueError(f"dlq {args.action}: which entries? give their ids (see `loopline dlq list`) or --all")
     return store.ids() if args.all else list(args.ids)
 
 

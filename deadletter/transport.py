@@ -49,15 +49,16 @@ class QoS(kombu_redis.QoS):
     with the acks made on the event loop sent in batches.
 
     ``kombu.transport.redis.QoS.ack`` removes each acked message from ``unacked`` and ``unacked_index``
-    with its own MULTI/ZREM/HDEL/EXEC. With an event loop (prefork, asyncio, solo) Celery makes every ack
+    with its own MULTI/ZREM/HDEL/EXEC. With an event loop (every pool but gevent) Celery makes every ack
     on the loop's thread (``Consumer.call_soon_ack`` → ``hub.call_soon``); a round trip each was the
     largest single cost of a busy asyncio worker. An ack made on that thread is counted at once (the
     prefetch credit returns) and its removal waits, at most ACK_DELAY_S or until ACK_BATCH are pending,
     to go out with the others: one ZREM and one HDEL for all of them (``Poller.on_poll_start`` checks
     before the loop polls, a loop timer every ACK_DELAY_S). Until then the message is still recorded as
     unacked, so a worker that dies in between has it redelivered (at least once, never lost); the channel
-    sends what is pending before it closes. Acks made on other threads (the gevent and threads pools,
-    which have no event loop) stay immediate.
+    sends what is pending before it closes. Celery runs every pool but gevent on the event loop (the
+    threads pool too: ``WorkController.should_use_eventloop``), and routes their acks to its thread; acks
+    made on any other thread (gevent's synchronous loop) stay immediate.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

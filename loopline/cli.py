@@ -77,7 +77,8 @@ def _worker_help() -> str:
 
     lines = ["pools:"]
     for choice in POOLS.values():
-        lines.append(f"  {choice.name:<8} (default -c {choice.default_concurrency}) {choice.advice}")
+        default = "the number of CPUs" if choice.name == "prefork" else choice.default_concurrency
+        lines.append(f"  {choice.name:<8} (default -c {default}) {choice.advice}")
     lines += ["", "The worker runs `celery -A config.celery_app worker` with events on (-E), acks late, JSON only.",
               "SIGTERM: warm shutdown (running jobs finish). SIGQUIT: cold shutdown (unacked jobs are redelivered)."]
     return "\n".join(lines)
@@ -155,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loopline",
         description="Run I/O-bound jobs through Celery under the pool that fits: prefork, threads, gevent, asyncio.\n"
-                    "With LOOPLINE_BROKER_URL unset every command uses the Redis that `loopline redis up` starts.",
+                    "With LOOPLINE_BROKER_URL unset, worker, enqueue, flower and dlq use the Redis that "
+                    "`loopline redis up` starts;\n"
+                    "bench starts its own when none runs, and dashboard works without one.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -175,15 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pool", "-P", choices=tuple(POOLS), default="prefork", help="execution pool (see below)")
     p.add_argument("--concurrency", "-c", type=int, help="task slots (default depends on the pool)")
-    p.add_argument("--queues", "-Q", type=lambda s: [q for q in s.split(",") if q], help="comma-separated queues")
+    p.add_argument("--queues", "-Q", type=lambda s: [q for q in s.split(",") if q],
+                   help="comma-separated queues to consume (default: celery)")
     p.add_argument("--loglevel", "-l", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
-                   type=str.upper)
+                   type=str.upper, help="worker log level (default: INFO; LOOPLINE_TASK_LOG=0 drops the line per "
+                   "job)")
     p.add_argument("--hostname", "-n", help="node name (default POOL-PID@HOST)")
     p.add_argument("--autoscale", metavar="MAX,MIN", help="let Celery grow/shrink the pool between MIN and MAX")
     p.add_argument("--processes", type=int, default=1, metavar="N",
                    help="run N worker processes (each with its own consumer and -c slots) under one supervisor "
                         "that forwards signals and restarts a child that dies; for asyncio, gevent, threads "
-                        "(default: 1)")
+                        "(refused for prefork and solo) (default: 1)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("enqueue", help="send jobs and print their ids (or results with --wait)",
@@ -196,18 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=("fetch_url", "deliver_webhook", "io_sleep"))
     p.add_argument("values", nargs="*", help="URLs, or milliseconds for io_sleep")
     p.add_argument("--file", type=Path, help="read one URL per line from this file ('-' for stdin; # comments)")
-    p.add_argument("--payload", help="JSON body for deliver_webhook")
+    p.add_argument("--payload", help="JSON body for deliver_webhook (default: {})")
     p.add_argument("--secret", help="HMAC secret for deliver_webhook signatures")
     p.add_argument("--queue", help="queue to send to (default: celery)")
-    p.add_argument("--wait", action="store_true", help="wait for each job and print its result as a JSON line")
-    p.add_argument("--timeout-s", type=float, default=60.0, help="with --wait: how long to wait per job")
+    p.add_argument("--wait", action="store_true", help="wait for each job and print its result as a JSON line; "
+                   "exit 1 if any job did not succeed")
+    p.add_argument("--timeout-s", type=float, default=60.0,
+                   help="with --wait: how long to wait per job (default: %(default)s)")
     p.set_defaults(func=cmd_enqueue)
 
     p = sub.add_parser("flower", help="run Flower, the live Celery monitor, for this broker",
                        description="Run Flower against the configured broker. Bound to 127.0.0.1 unless --host says "
                                    "otherwise; LOOPLINE_FLOWER_AUTH=user:password turns on basic auth.")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=5555, help="port (default: %(default)s)")
     p.set_defaults(func=cmd_flower)
 
     from bench.cli import add_bench_arguments

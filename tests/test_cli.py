@@ -134,7 +134,9 @@ def test_worker_help_lists_every_pool() -> None:
     assert result.returncode == 0, result.stderr
     text = one_line(result.stdout)
     for choice in POOLS.values():
-        assert f"{choice.name} (default -c {choice.default_concurrency}) {one_line(choice.advice)}" in text
+        default = "the number of CPUs" if choice.name == "prefork" else choice.default_concurrency
+        assert f"{choice.name} (default -c {default}) {one_line(choice.advice)}" in text
+    assert "threads (default -c 32)" in text and "No time limits" in text
     assert "{" + ",".join(POOLS) + "}" in text
 
 

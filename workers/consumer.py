@@ -1,13 +1,14 @@
 """The worker's consumer: dead-letter hooks (deadletter.consumer) plus task events sent in batches on a timer.
 
-With an event loop (prefork, asyncio and solo), Celery buffers task events (``task-received``,
-``task-started``, ``task-succeeded`` …) and sends each buffer as one ``task.multi`` message; but
+With an event loop (every pool but gevent: ``WorkController.should_use_eventloop``), Celery buffers
+task events (``task-received``, ``task-started``, ``task-succeeded`` …) and sends each buffer as one
+``task.multi`` message; but
 ``celery.worker.consumer.consumer.Consumer.on_send_event_buffered`` schedules a flush on the hub's very
 next iteration, so a busy worker publishes one small message per task or two. On an asyncio worker at
 -c 1000 that was a sixth of its CPU. Here the buffer goes out every ``LOOPLINE_EVENT_FLUSH_MS`` (100 ms),
 or as soon as it holds EVENT_BUFFER_LIMIT events, and once more when the consumer shuts down: Flower and
-``celery events`` see every event, at most that much later. The gevent and threads pools, which Celery runs without
-an event loop, keep sending each event at once (stock Celery).
+``celery events`` see every event, at most that much later. The gevent pool, which Celery runs without an
+event loop, keeps sending each event at once (stock Celery).
 """
 
 from __future__ import annotations

@@ -35,22 +35,25 @@ POOLS: dict[str, PoolChoice] = {
         PoolChoice(
             "threads", "threads", 32,
             "a thread pool in one process. Fine for blocking I/O libraries at tens to a few hundred slots; "
-            "the GIL limits CPU work. No soft time limit.",
+            "the GIL limits CPU work. No time limits: Celery's threads pool drops both.",
         ),
         PoolChoice(
             "gevent", "gevent", 500,
             "greenlets with monkey-patched sockets: hundreds to thousands of blocking-style requests "
-            "(requests, redis-py) in flight in one process. Code that blocks without yielding stalls every slot.",
+            "(requests, redis-py) in flight in one process. Code that blocks without yielding stalls every slot. "
+            "Hard time limit only.",
         ),
         PoolChoice(
             "asyncio", "custom", 1000,
             "loopline's pool: coroutines on one asyncio event loop (uvloop when installed). async def tasks and "
             "the built-in tasks' async bodies run -c at once; sync tasks go to a bounded thread pool. Soft and "
-            "hard time limits, revoke and warm shutdown work per coroutine. The highest throughput per CPU for I/O.",
+            "hard time limits (for async tasks), revoke and warm shutdown work per coroutine. The highest "
+            "throughput per CPU for I/O.",
         ),
         PoolChoice(
             "solo", "solo", 1,
-            "runs one task at a time in the worker process itself. For debugging and for strictly serial queues.",
+            "runs one task at a time in the worker process itself. For debugging and for strictly serial queues. "
+            "No time limits.",
         ),
     )
 }
