@@ -78,6 +78,16 @@ class Child:
         except (ProcessLookupError, PermissionError):
             pass
 
+    def kill_tree(self) -> None:
+        """Kill the child and every descendant at once, those in sessions of their own too (a hung bench's
+        workers, target and Redis), which the group kill of :meth:`stop` does not reach."""
+        for proc in reversed(self.tree()):
+            try:
+                proc.kill()  # psutil checks the process is still the one listed: a reused pid is left alone
+            except psutil.Error:
+                pass
+        self.stop(grace_s=0)
+
     def tree(self) -> list[psutil.Process]:
         """The child and all its descendants that are still alive."""
         try:

@@ -7,8 +7,8 @@ Run it with ``uvicorn examples.asgi_app:app --port 8001`` next to a worker, then
     curl -X POST localhost:8001/jobs/bulk -d '{"task": "io_sleep", "calls": [[100], [200]]}'
 
 ``POST /jobs`` answers 202 with the job id, ``GET /jobs/{id}`` its state (and result or error once
-finished), ``POST /jobs/bulk`` sends many jobs in one Redis round trip. A bad job answers 400 with
-the reason; nothing is sent.
+finished), ``POST /jobs/bulk`` sends many jobs in one Redis round trip. Either body may name a
+``"queue"`` (default: Celery's ``celery``). A bad job answers 400 with the reason; nothing is sent.
 """
 
 from __future__ import annotations
@@ -43,7 +43,13 @@ async def _body(request: Request) -> dict[str, Any]:
         raise BadRequest("body must be JSON") from None
     if not isinstance(body, dict) or body.get("task") not in TASKS:
         raise BadRequest(f"'task' must be one of {', '.join(TASKS)}")
+    if "queue" in body and not (isinstance(body["queue"], str) and body["queue"]):
+        raise BadRequest("'queue' must be a non-empty string")
     return body
+
+
+def _options(body: dict[str, Any]) -> dict[str, Any]:
+    return {"queue": body["queue"]} if "queue" in body else {}
 
 
 def _error(exc: Exception) -> JSONResponse:
@@ -53,7 +59,8 @@ def _error(exc: Exception) -> JSONResponse:
 async def create_job(request: Request) -> JSONResponse:
     try:
         body = await _body(request)
-        result = await TASKS[body["task"]].apply_async_async(body.get("args", []), body.get("kwargs", {}))
+        result = await TASKS[body["task"]].apply_async_async(body.get("args", []), body.get("kwargs", {}),
+                                                             **_options(body))
     except (BadRequest, InvalidJob, TypeError) as exc:
         return _error(exc)
     return JSONResponse({"id": result.id}, status_code=202)
@@ -63,7 +70,7 @@ async def create_jobs(request: Request) -> JSONResponse:
     try:
         body = await _body(request)
         calls: list[tuple[list[Any], dict[str, Any]]] = [(args, {}) for args in body.get("calls", [])]
-        results = await asend_many(TASKS[body["task"]], calls)
+        results = await asend_many(TASKS[body["task"]], calls, **_options(body))
     except (BadRequest, InvalidJob, TypeError) as exc:
         return _error(exc)
     return JSONResponse({"ids": [r.id for r in results]}, status_code=202)

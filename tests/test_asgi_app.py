@@ -6,8 +6,10 @@ import asyncio
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -36,11 +38,13 @@ def asgi_url(tmp_path: object) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        while True:
             try:
                 requests.get(f"{url}/jobs/none", timeout=1).close()
                 break
             except requests.ConnectionError:
+                assert popen.poll() is None, f"the ASGI app exited with code {popen.returncode}"
+                assert time.monotonic() < deadline, "the ASGI app did not answer within 30 s"
                 time.sleep(0.1)
         yield url
     finally:
@@ -59,13 +63,14 @@ def _wait_state(url: str, job_id: str, want: str) -> dict[str, object]:
 
 
 def test_post_get_and_bulk_over_http(asgi_url: str, worker: Callable[..., Child], queue: str) -> None:
-    worker("asyncio", 20, queues=["celery"])
-    with requests.post(f"{asgi_url}/jobs", json={"task": "io_sleep", "args": [10]}, timeout=10) as response:
+    worker("asyncio", 20)
+    with requests.post(f"{asgi_url}/jobs", json={"task": "io_sleep", "args": [10], "queue": queue},
+                       timeout=10) as response:
         assert response.status_code == 202
         job_id = response.json()["id"]
     assert _wait_state(asgi_url, job_id, "SUCCESS")["result"]["slept_ms"] == 10  # type: ignore[index]
 
-    with requests.post(f"{asgi_url}/jobs/bulk", json={"task": "io_sleep", "calls": [[1], [2], [3]]},
+    with requests.post(f"{asgi_url}/jobs/bulk", json={"task": "io_sleep", "calls": [[1], [2], [3]], "queue": queue},
                        timeout=10) as response:
         assert response.status_code == 202
         ids = response.json()["ids"]
@@ -80,6 +85,7 @@ def test_bad_jobs_answer_400_with_the_reason(asgi_url: str) -> None:
         ({"task": "nope"}, "'task' must be one of"),
         ({"task": "io_sleep", "args": [-1]}, "ms must be"),
         ({"task": "io_sleep", "calls": [[1], ["x"]]}, "ms must be"),
+        ({"task": "io_sleep", "args": [1], "queue": ""}, "'queue' must be a non-empty string"),
     ]
     for body, reason in cases:
         path = "/jobs/bulk" if "calls" in body else "/jobs"
@@ -101,8 +107,21 @@ def test_send_many_validates_all_before_sending(queue: str) -> None:
     assert len({r.id for r in results}) == 50
 
 
-def test_delay_async_does_not_block_the_loop(queue: str) -> None:
-    async def main() -> tuple[str, int]:
+def test_delay_async_does_not_block_the_loop(queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    send = io_sleep.apply_async
+    loop_thread: list[int] = []
+    senders: list[int] = []
+
+    def slow_send(*args: Any, **kwargs: Any) -> Any:  # the first send takes a while, as over a slow network
+        if not senders:
+            time.sleep(0.3)
+        senders.append(threading.get_ident())
+        return send(*args, **kwargs)
+
+    monkeypatch.setattr(io_sleep, "apply_async", slow_send)
+
+    async def main() -> tuple[str, int, int]:
+        loop_thread.append(threading.get_ident())
         ticks = 0
 
         async def ticker() -> None:
@@ -113,10 +132,14 @@ def test_delay_async_does_not_block_the_loop(queue: str) -> None:
 
         tick_task = asyncio.create_task(ticker())
         result = await io_sleep.apply_async_async((5,), queue=queue)
+        during_send = ticks
         many = await asend_many(io_sleep, [((1,), {})] * 20, queue=queue)
         tick_task.cancel()
-        return result.id, len(many) + (ticks > 0)
+        return result.id, len(many), during_send
 
-    task_id, count = asyncio.run(main())
-    assert len(task_id) == 36
-    assert count == 21
+    task_id, count, during_send = asyncio.run(main())
+    assert len(task_id) == 36 and count == 20
+    # The loop kept running other tasks while the send slept on another thread: a send made on the loop would
+    # have left the ticker no turn at all until it returned.
+    assert senders and loop_thread[0] not in senders
+    assert during_send > 100

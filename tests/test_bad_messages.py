@@ -17,7 +17,7 @@ import redis
 
 from bench.procs import Child
 from config.celery_app import app
-from deadletter.store import DeadLetter, DeadLetterStore, Reason
+from deadletter.store import DeadLetter, DeadLettered, DeadLetterStore, Reason
 from tasks import io_sleep
 
 POOLS = ["prefork", "threads", "gevent", "asyncio"]
@@ -121,7 +121,7 @@ def test_a_dead_lettered_task_fails_its_result_with_the_reason(
     with redis.Redis.from_url(redis_url, socket_timeout=10) as client:
         client.lpush(queue, envelope(queue, json.dumps([[5], {}, {}]).encode(), headers=headers))
         result = app.AsyncResult(task_id)
-        with pytest.raises(Exception, match="invalid: header 'timelimit'"):
+        with pytest.raises(DeadLettered, match="invalid: header 'timelimit'"):
             result.get(timeout=30)
         entry = DeadLetterStore(client).get(task_id)
         assert entry is not None and entry.args == [5] and entry.task == "tasks.io_sleep"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,9 +54,11 @@ def progress_done(out: Path) -> int:
 def finish(child: Child, timeout_s: float = RUN_TIMEOUT_S) -> int:
     try:
         child.popen.wait(timeout_s)
-    finally:
-        code = child.stop(grace_s=5)
-    return code
+    except subprocess.TimeoutExpired:
+        child.kill_tree()
+        log = child.log_text()[-3000:]
+        raise AssertionError(f"the bench did not finish within {timeout_s:.0f} s:\n{log}") from None
+    return child.stop(grace_s=5)
 
 
 def test_concurrency_spec_forms() -> None:

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from bench.jobs import JobTimes, PoolResult, Workload
-from bench.record import RunFile, machine_info, new_run_id, result_entry, summarize
+from bench.record import LIVE_WRITE_INTERVAL_S, RunFile, machine_info, new_run_id, result_entry, summarize
 from bench.schema import RUN_SCHEMA
 
 WORKLOAD = Workload("fetch_url", 40, 100.0, "http://127.0.0.1:9", error_rate=0.1)
@@ -63,7 +63,9 @@ def test_run_file_matches_its_schema_and_keeps_every_job(tmp_path: Path) -> None
     assert [p.name for p in tmp_path.iterdir()] == [f"{doc['run_id']}.json"]  # no temporary file left behind
 
 
-def test_progress_is_written_live_but_throttled(tmp_path: Path) -> None:
+def test_progress_is_written_live_but_throttled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]  # the throttle's clock, moved by hand: no race with a slow machine
+    monkeypatch.setattr("bench.record.time.monotonic", lambda: clock[0])
     run = RunFile(tmp_path, WORKLOAD, pools=["asyncio"], repeats=1, command="loopline bench",
                   machine=machine_info(None))
     run.write()
@@ -73,8 +75,12 @@ def test_progress_is_written_live_but_throttled(tmp_path: Path) -> None:
     assert written["status"] == "running"
     assert written["progress"]["done"] == 12 and written["progress"]["total"] == 12
     partial.add(JobTimes(99.0, 100.5, 100.6))
+    clock[0] += LIVE_WRITE_INTERVAL_S / 2
     run.progress(partial)  # within LIVE_WRITE_INTERVAL_S of the last write: not written
     assert json.loads(run.path.read_text())["progress"]["done"] == 12
+    clock[0] += LIVE_WRITE_INTERVAL_S / 2
+    run.progress(partial)  # the interval is over: written
+    assert json.loads(run.path.read_text())["progress"]["done"] == 13
     jsonschema.validate(written, RUN_SCHEMA)
 
 

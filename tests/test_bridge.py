@@ -105,12 +105,13 @@ def test_a_blocking_step_is_logged_with_the_label(caplog: pytest.LogCaptureFixtu
 
     async def blocks() -> None:
         await asyncio.sleep(0)
-        time.sleep(0.05)
+        time.sleep(0.4)
         await asyncio.sleep(0)
 
     async def main() -> None:
-        await drive(blocks(), Interrupt(), "slow[1]", 20)
-        await drive(asyncio.sleep(0.05), Interrupt(), "fast[2]", 20)  # waiting is not blocking
+        # A threshold far from both: a loaded machine may stretch a step, not by a fifth of a second.
+        await drive(blocks(), Interrupt(), "slow[1]", 200)
+        await drive(asyncio.sleep(0.4), Interrupt(), "fast[2]", 200)  # waiting is not blocking
 
     with caplog.at_level(logging.WARNING, logger="workers.bridge"):
         _run(main())
@@ -289,10 +290,15 @@ def test_resolve_in_a_forked_child_starts_its_own_loop() -> None:
     parent_end, child_end = ctx.Pipe()
     process = ctx.Process(target=_child, args=(child_end,))
     process.start()
-    assert parent_end.poll(20), "the forked child never answered (its resolve() hung)"
-    assert parent_end.recv() == ("ok", 5)
-    process.join(10)
-    assert process.exitcode == 0
+    try:
+        assert parent_end.poll(20), "the forked child never answered (its resolve() hung)"
+        assert parent_end.recv() == ("ok", 5)
+        process.join(10)
+        assert process.exitcode == 0
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join(5)
 
 
 def test_the_greenlet_starts_with_a_copy_of_the_awaiting_tasks_context() -> None:

@@ -243,21 +243,21 @@ def test_flower_is_published_on_the_host_loopback_only() -> None:
     assert "LOOPLINE_FLOWER_AUTH" in flower["environment"], "LOOPLINE_FLOWER_AUTH must reach the Flower container"
 
 
-@pytest.mark.parametrize("argv", [
-    ["loopline", "worker", "--pool", "no-such-pool"],
-    ["loopline", "no-such-command"],
-    ["loopline", "enqueue", "no_such_task"],
-    ["celery", "-A", "config.celery_app", "worker", "-P", "no-such-pool"],
-    ["celery", "-A", "config.celery_app", "worker", "--no-such-option"],
-    ["celery", "-A", "config.celery_app", "no-such-command"],
-    ["celery", "-A", "config.celery_app"],
-    ["celery", "worker", "-P", "gevent"],
-    ["celery", "-A", "no_such_module", "worker"],
-    ["redis-server", "--appendonly", "no"],
-    ["sh", "-c", "loopline worker"],
-], ids=shlex.join)
-def test_the_command_check_rejects_bad_command_lines(argv: list[str]) -> None:
-    with pytest.raises(AssertionError):
+@pytest.mark.parametrize(("argv", "reason"), [
+    (["loopline", "worker", "--pool", "no-such-pool"], "invalid choice: 'no-such-pool'"),
+    (["loopline", "no-such-command"], "invalid choice: 'no-such-command'"),
+    (["loopline", "enqueue", "no_such_task"], "invalid choice: 'no_such_task'"),
+    (["celery", "-A", "config.celery_app", "worker", "-P", "no-such-pool"], "'no-such-pool' is not one of"),
+    (["celery", "-A", "config.celery_app", "worker", "--no-such-option"], "No such option '--no-such-option'"),
+    (["celery", "-A", "config.celery_app", "no-such-command"], "No such command 'no-such-command'"),
+    (["celery", "-A", "config.celery_app"], "No such command ''"),
+    (["celery", "worker", "-P", "gevent"], "does not name an app with -A"),
+    (["celery", "-A", "no_such_module", "worker"], "cannot load app 'no_such_module'"),
+    (["redis-server", "--appendonly", "no"], "Redis must run with --appendonly yes"),
+    (["sh", "-c", "loopline worker"], "neither a loopline, a celery nor a redis-server command"),
+], ids=lambda value: shlex.join(value) if isinstance(value, list) else "")
+def test_the_command_check_rejects_bad_command_lines(argv: list[str], reason: str) -> None:
+    with pytest.raises(AssertionError, match=re.escape(reason)):
         check_command(argv)
 
 

@@ -146,11 +146,13 @@ def test_basic_auth_guards_everything(results: Path, tmp_path: Path) -> None:
 
 def test_a_malformed_auth_setting_stops_start_up_naming_the_variable(results: Path, tmp_path: Path) -> None:
     child: Child | None = None
-    with pytest.raises(RuntimeError) as caught:
-        child, _ = start_dashboard(results, log_path=tmp_path / "dashboard.log",
-                                   env={"LOOPLINE_DASHBOARD_AUTH": "no-password"})
-    if child is not None:
-        child.stop(grace_s=1)
+    try:
+        with pytest.raises(RuntimeError) as caught:
+            child, _ = start_dashboard(results, log_path=tmp_path / "dashboard.log",
+                                       env={"LOOPLINE_DASHBOARD_AUTH": "no-password"})
+    finally:
+        if child is not None:  # it started after all: stop it whatever the assertion said
+            child.stop(grace_s=1)
     assert "LOOPLINE_DASHBOARD_AUTH must look like user:password" in str(caught.value)
 
 

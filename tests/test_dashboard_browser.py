@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,8 +33,11 @@ def bench(out: Path, log: Path, *args: str) -> Child:
 def finished(child: Child, timeout_s: float = BENCH_TIMEOUT_S) -> None:
     try:
         child.popen.wait(timeout_s)
-    finally:
-        code = child.stop(grace_s=5)
+    except subprocess.TimeoutExpired:
+        child.kill_tree()  # with the workers, target and Redis it started in sessions of their own
+        log = child.log_text()[-3000:]
+        raise AssertionError(f"the bench did not finish within {timeout_s:.0f} s:\n{log}") from None
+    code = child.stop(grace_s=5)
     assert code == 0, child.log_text()[-3000:]
 
 
@@ -46,8 +50,12 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
                   "--concurrency", "5")
     second = bench(out, logs / "second.log", "--pools", "gevent,asyncio", "--task", "io_sleep", "--jobs", "30",
                    "--latency-ms", "20", "--concurrency", "30")
-    finished(first)
-    finished(second)
+    try:
+        finished(first)
+        finished(second)
+    finally:  # a failed or timed-out first run must not leave the second running
+        first.stop(grace_s=5)
+        second.stop(grace_s=5)
     assert len(list(out.glob("*.json"))) == 2
     return out
 

@@ -20,10 +20,17 @@ def test_workers_online_show_their_pool_and_concurrency(worker: Callable[..., Ch
 
 def test_cluster_state_counts_dead_letters() -> None:
     from config.celery_app import app
-    from deadletter import size
+    from deadletter.store import DeadLetter, DeadLetterStore, Reason
 
-    state = ClusterView(None, cache_s=0).state()
-    assert state["dead_letters"] == size(app.backend.client)
+    view = ClusterView(None, cache_s=0)
+    before = view.state()["dead_letters"]
+    store = DeadLetterStore(app.backend.client)
+    entry = store.add(DeadLetter(reason=Reason.INVALID, error="a test entry", queue="dashboard-cluster-test"))
+    try:
+        assert view.state()["dead_letters"] == before + 1
+    finally:
+        store.remove(entry.id)
+    assert view.state()["dead_letters"] == before
 
 
 def test_answers_are_cached_between_looks() -> None:

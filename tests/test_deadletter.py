@@ -19,6 +19,7 @@ from deadletter.deliveries import count_key
 from deadletter.messages import envelope_problem
 from deadletter.store import RAW_LIMIT_BYTES, DeadLetter, DeadLetterStore, Reason, truncate_raw
 from tasks import deliver_webhook
+from tasks.errors import FetchFailed, WebhookRejected
 
 CLI_TIMEOUT_S = 60
 DLQ_DB = 7  # the CLI tests' own database of the session Redis, emptied before and after
@@ -92,9 +93,10 @@ def test_a_job_whose_retries_ran_out_is_dead_lettered_with_its_traceback(
     worker("threads", 2)
     down = deliver_webhook.apply_async((f"{target_url}/hook/dlq-down?script=502", {"n": 1}), queue=queue)
     rejected = deliver_webhook.apply_async((f"{target_url}/hook/dlq-bad?script=400", {"n": 2}), queue=queue)
-    for result in (down, rejected):
-        with pytest.raises(Exception, match="502|400"):
-            result.get(timeout=30)
+    with pytest.raises(FetchFailed, match="answered 502"):
+        down.get(timeout=30)
+    with pytest.raises(WebhookRejected, match="rejected with 400"):
+        rejected.get(timeout=30)
     with redis.Redis.from_url(redis_url, socket_timeout=10) as client:
         dead = DeadLetterStore(client)
         entry = dead.get(down.id)

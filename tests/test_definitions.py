@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 import redis
 import requests
+from celery.exceptions import NotRegistered
 
 from bench.procs import Child
 from tasks import deliver_webhook, fetch_url, io_sleep
@@ -121,7 +122,7 @@ def test_unknown_task_fails_with_not_registered_and_worker_keeps_serving(
 
     worker("threads", 2)
     res = app.send_task("tasks.no_such_task", args=(1,), queue=queue)
-    with pytest.raises(Exception, match="no_such_task"):
+    with pytest.raises(NotRegistered, match="no_such_task"):
         res.get(timeout=30)
     assert io_sleep.apply_async((1,), queue=queue).get(timeout=30)["slept_ms"] == 1
 

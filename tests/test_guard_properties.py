@@ -8,6 +8,7 @@ the local target on 127.0.0.1 and to other loopback addresses, so nothing here c
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -27,7 +28,10 @@ GUARDED_V4 = [ipaddress.IPv4Network(n) for n in ("127.0.0.0/8", "10.0.0.0/8", "1
                                                   "169.254.0.0/16", "100.64.0.0/10", "0.0.0.0/8")]
 GUARDED_V6 = [ipaddress.IPv6Network(n) for n in ("::1/128", "fe80::/10", "fc00::/7", "::ffff:10.0.0.0/104")]
 label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
-host_name = st.lists(label, min_size=2, max_size=4).map(".".join).filter(lambda h: not h[-1].isdigit())
+# A last label that is a number (decimal, or 0x... hex) makes the host an IPv4 address to the URL parser, one
+# check_url refuses as such; those are not the host names these properties are about.
+host_name = st.lists(label, min_size=2, max_size=4).map(".".join).filter(
+    lambda h: not re.fullmatch(r"[0-9]+|0x[0-9a-f]*", h.rsplit(".", 1)[-1]))
 guarded_v4 = st.sampled_from(GUARDED_V4).flatmap(
     lambda net: st.integers(int(net.network_address), int(net.broadcast_address)).map(ipaddress.IPv4Address))
 guarded_v6 = st.sampled_from(GUARDED_V6).flatmap(

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench.procs import Child
+from bench.procs import Child, _spawn
 from tasks import io_sleep
 
 READY_TIMEOUT_S = 60.0
@@ -75,8 +75,13 @@ def test_processes_run_restart_and_stop_together(supervisor: Child, queue: str) 
     assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
 
 
-def test_processes_is_refused_for_prefork() -> None:
-    proc = subprocess.run([sys.executable, "-m", "loopline", "worker", "--pool", "prefork", "--processes", "2"],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert "--processes" in proc.stderr
+def test_processes_is_refused_for_prefork(tmp_path: Path) -> None:
+    # As a Child: were the refusal to regress, the supervisor and any workers it started are killed, tree and all.
+    child = _spawn("refused supervisor", [sys.executable, "-m", "loopline", "worker", "--pool", "prefork",
+                                          "--processes", "2"], tmp_path / "refused.log", None)
+    try:
+        child.popen.wait(60)
+    finally:
+        child.kill_tree()
+    assert child.exit_code == 2
+    assert "--processes" in child.log_text()
