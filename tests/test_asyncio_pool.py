@@ -306,6 +306,26 @@ def test_sigquit_is_a_cold_shutdown_that_cancels_at_once_and_the_jobs_are_redeli
     assert [_runs(key) for key in keys] == [2, 2]
 
 
+@pytest.mark.timeout(120)
+def test_sigquit_during_a_warm_shutdowns_grace_cancels_at_once(worker: Callable[..., Child], queue: str) -> None:
+    first = _async("asyncio", 2, worker, LOOPLINE_ASYNCIO_SHUTDOWN_GRACE_S="600")
+    keys = [_key() for _ in range(2)]
+    results = [async_tasks.marked_sleep.apply_async((20, key), queue=queue) for key in keys]
+    _wait_until(lambda: [_runs(key) for key in keys] == [1, 1], "both started")
+    os.kill(first.pid, signal.SIGTERM)
+    _wait_for_log(first, "waiting up to 600 s for 2 running tasks", timeout_s=15)
+    code = first.stop(grace_s=30, signum=signal.SIGQUIT)  # the warm shutdown would wait for the 20 s sleeps
+    log = first.log_text()
+    assert code in (0, 1), log[-3000:]
+    assert not any(result.state == "SUCCESS" for result in results), log[-3000:]
+    assert "Traceback" not in log and "did not complete cleanly" not in log, log[-3000:]
+
+    _async("asyncio", 2, worker)
+    for result in results:
+        assert result.get(timeout=60)
+    assert [_runs(key) for key in keys] == [2, 2]
+
+
 # -- control and monitoring -----------------------------------------------------------------------------------
 
 def _stats(node: str) -> dict[str, Any]:
