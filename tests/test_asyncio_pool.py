@@ -6,10 +6,12 @@ Test-only tasks live in ``tests/async_tasks.py``; a worker imports them through 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -377,6 +379,29 @@ def test_consecutive_resizes_add_up_before_the_loop_applies_them() -> None:
     finally:
         pool.loop.close()
         pool.executor.shutdown()
+
+
+def test_a_celery_callback_that_raises_is_logged_with_the_task(caplog: pytest.LogCaptureFixture) -> None:
+    """In process, no worker: the pool runs a target for an async task name and hands its result to a callback."""
+    pool = TaskPool(limit=2, app=app)
+    pool.on_start()
+    called = threading.Event()
+
+    def on_success(result: Any) -> None:
+        called.set()
+        raise RuntimeError(f"on_success broke on {result}")
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="workers.asyncio_pool"):
+            pool.on_apply(lambda *args: 42, args=("async_tasks.marked_sleep", "job-1"), callback=on_success)
+            assert called.wait(10)
+            _wait_until(lambda: any("finished, but Celery's on_success failed" in r.getMessage()
+                                    for r in caplog.records), "the failure logged", timeout_s=5)
+    finally:
+        pool.on_stop()
+    record = next(r for r in caplog.records if "on_success failed" in r.getMessage())
+    assert "async_tasks.marked_sleep[job-1]" in record.getMessage()
+    assert record.exc_info is not None and "on_success broke on 42" in str(record.exc_info[1])
 
 
 # -- async def tasks under every pool -------------------------------------------------------------------------

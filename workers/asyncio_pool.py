@@ -298,7 +298,7 @@ class TaskPool(BasePool):
                 return
         except asyncio.CancelledError:
             if job.timed_out and job.timeout_callback is not None:
-                job.timeout_callback(False, job.hard_s)
+                _call(job, job.timeout_callback, False, job.hard_s)
             return
         except Exception:
             logger.exception("asyncio pool: %s crashed outside the task body", job.label)
@@ -310,7 +310,7 @@ class TaskPool(BasePool):
         if job.deferred and not await _settle(job):
             return
         if job.callback is not None:
-            job.callback(result)
+            _call(job, job.callback, result)
 
     def _trace(self, job: Job) -> Any:
         return job.target(*job.args, **job.kwargs)
@@ -405,6 +405,19 @@ async def _settle(job: Job) -> bool:
 
         task_ready(request)  # no longer active in this worker (inspect active, worker state)
     return False
+
+
+def _call(job: Job, callback: Callable[..., Any], *args: Any) -> None:
+    """Run one of Celery's callbacks (``Request.on_success``/``on_timeout``: states, events, the ack) for ``job``.
+
+    One that raises is logged here with the task's name; left to the asyncio Task, it would surface only as
+    "Task exception was never retrieved" when the Task is garbage-collected.
+    """
+    try:
+        callback(*args)
+    except Exception:
+        logger.exception("asyncio pool: %s finished, but Celery's %s failed", job.label,
+                         getattr(callback, "__name__", "callback"))
 
 
 def _revoked_before_start(job: Job) -> bool:
