@@ -29,7 +29,7 @@ test: install browser
 
 # The dashboard's browser tests drive Debian's chromium through Playwright; no browser is ever downloaded.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@test -x /usr/bin/chromium || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing Debian's chromium for the dashboard's browser tests"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

@@ -81,7 +81,7 @@ class Child:
     def kill_tree(self) -> None:
         """Kill the child and every descendant at once, those in sessions of their own too (a hung bench's
         workers, target and Redis), which the group kill of :meth:`stop` does not reach."""
-        for proc in reversed(self.tree()):
+        for proc in self.tree():  # parents first: one that respawns children gets no chance to
             try:
                 proc.kill()  # psutil checks the process is still the one listed: a reused pid is left alone
             except psutil.Error:

@@ -27,7 +27,7 @@ from typing import Any
 from celery import current_app
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from kombu.utils.encoding import bytes_to_str
+from kombu.utils.encoding import bytes_to_str, str_to_bytes
 
 from deadletter.fetch import MAX_BATCH, POP_SCRIPT, supports_atomic_fetch
 from deadletter.messages import envelope_problem
@@ -245,9 +245,15 @@ class Channel(kombu_redis.Channel):
             key, entry, recorded = reply[at:at + 3]
             queue = bytes_to_str(key)[len(self.global_keyprefix):].rsplit(self.sep, 1)[0]
             payload = self._checked(entry, queue)
+            if payload is not None and isinstance(recorded, bytes) and recorded != str_to_bytes(
+                    payload["properties"]["delivery_tag"]):
+                # Recorded under a tag that is not UTF-8: the tag Python reads differs, so the message's ack
+                # would remove nothing and it would come back after every visibility timeout.
+                self._dead_letter(entry, queue, Reason.INVALID, "the envelope's delivery_tag is not UTF-8")
+                payload = None
             if payload is None:
-                if isinstance(recorded, bytes):  # recorded by the script, refused here: unrecord it
-                    self.qos._remove_from_indices(bytes_to_str(recorded)).execute()
+                if isinstance(recorded, bytes):  # recorded by the script, refused here: unrecord it, raw
+                    self.qos._remove_from_indices(recorded).execute()
                 continue
             if isinstance(recorded, bytes):
                 self._recorded.add(payload["properties"]["delivery_tag"])

@@ -84,11 +84,13 @@ class LooplineTask(Task):
         try:
             return super().apply_async(args, kwargs, *rest, **options)
         except RuntimeError as exc:
-            if not isinstance(exc.__cause__, redis.ConnectionError | redis.TimeoutError | OSError):
+            if not _connection_failure(exc):
                 raise
-            raise self._unavailable(self.app.conf.result_backend, exc.__cause__) from exc
+            raise self._unavailable(self.app.conf.result_backend, exc.__cause__ or exc) from exc
         except OperationalError as exc:
-            if isinstance(exc, RedisUnavailable):
+            # kombu raises OperationalError for Redis refusing a command too (OOM, READONLY): only a broken
+            # connection is "cannot reach"; anything else keeps kombu's own error and words.
+            if isinstance(exc, RedisUnavailable) or not _connection_failure(exc):
                 raise
             raise self._unavailable(self.app.conf.broker_url, exc) from exc
 
@@ -103,6 +105,12 @@ class LooplineTask(Task):
     async def apply_async_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         """``apply_async`` for asyncio code (queue, countdown and other options as usual)."""
         return await asyncio.to_thread(self.apply_async, args, kwargs, **options)
+
+
+def _connection_failure(exc: BaseException) -> bool:
+    """True if ``exc`` was caused by a connection that failed (not by Redis refusing a command)."""
+    cause = exc.__cause__ or exc.__context__
+    return isinstance(cause, redis.ConnectionError | redis.TimeoutError | OSError)
 
 
 class IOTask(LooplineTask):

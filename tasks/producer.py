@@ -18,8 +18,12 @@ import asyncio
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import redis
 from celery import Task
 from celery.result import AsyncResult
+from kombu.utils.url import maybe_sanitize_url
+
+from tasks.errors import RedisUnavailable
 
 __all__ = ["BATCH_MAX_COMMANDS", "Call", "asend_many", "release_result_subscriptions", "send_many"]
 
@@ -39,8 +43,16 @@ def send_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncRe
     if check is not None:
         for args, kwargs in batch:
             check(args, kwargs)
-    with task.app.producer_or_acquire() as producer, producer.batch(BATCH_MAX_COMMANDS):
-        return [task.apply_async(args, kwargs, producer=producer, **options) for args, kwargs in batch]
+    try:
+        with task.app.producer_or_acquire() as producer, producer.batch(BATCH_MAX_COMMANDS):
+            return [task.apply_async(args, kwargs, producer=producer, **options) for args, kwargs in batch]
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        # The batch is written without kombu's retries (PublishBatch.flush), every BATCH_MAX_COMMANDS commands
+        # and at the end: chunks written before the failure are queued.
+        url = maybe_sanitize_url(task.app.conf.broker_url or "?")
+        raise RedisUnavailable(f"{task.name}: lost {url} while sending {len(batch)} jobs ({type(exc).__name__}: "
+                               f"{exc}); jobs in chunks of {BATCH_MAX_COMMANDS} commands written before it may "
+                               "be queued, the rest were not sent") from exc
 
 
 async def asend_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncResult]:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 import requests
 
 from bench.procs import Child
@@ -105,6 +106,37 @@ def test_send_many_validates_all_before_sending(queue: str) -> None:
     with app.connection_for_read() as conn:
         assert conn.default_channel.client.llen(queue) == 50
     assert len({r.id for r in results}) == 50
+
+
+def test_send_many_says_when_the_connection_breaks_mid_batch(monkeypatch: pytest.MonkeyPatch, queue: str) -> None:
+    import contextlib
+
+    from config.celery_app import app
+    from tasks.errors import RedisUnavailable
+
+    class BrokenBatch:  # kombu's Producer.batch writes the pipeline when the block ends: here it fails
+        def __init__(self, producer: Any) -> None:
+            self.producer = producer
+
+        @contextlib.contextmanager
+        def batch(self, size: int) -> Iterator[None]:
+            yield
+            raise redis.ConnectionError("Connection reset by peer")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.producer, name)
+
+    real = app.producer_or_acquire
+
+    @contextlib.contextmanager
+    def broken(producer: Any = None) -> Iterator[Any]:
+        with real(producer) as inner:
+            yield BrokenBatch(inner)
+
+    monkeypatch.setattr(app, "producer_or_acquire", broken)
+    with pytest.raises(RedisUnavailable, match=r"tasks.io_sleep: lost redis://127\.0\.0\.1:\d+/0 while sending "
+                                               r"3 jobs \(ConnectionError: Connection reset by peer\)"):
+        send_many(io_sleep, [((1,), {})] * 3, queue=queue)
 
 
 def test_delay_async_does_not_block_the_loop(queue: str, monkeypatch: pytest.MonkeyPatch) -> None:

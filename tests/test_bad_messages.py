@@ -68,6 +68,9 @@ def bad_messages(queue: str, marker: Path) -> dict[str, tuple[bytes, str, str]]:
         # Lua's cjson (the fetch script) reads this envelope and records it; Python's json refuses it.
         "JSON only Lua reads": (envelope(queue, json.dumps([[1], {}, {}]).encode()).replace(
             b'"priority": 0', b'"priority": 00'), Reason.UNDECODABLE, "not JSON"),
+        # Recorded by the script under these raw bytes; Python would read (and later ack) another tag.
+        "tag not UTF-8": (envelope(queue, json.dumps([[1], {}, {}]).encode()).replace(
+            b'"delivery_tag": "', b'"delivery_tag": "\xff'), Reason.INVALID, "not UTF-8"),
     }
 
 

@@ -133,6 +133,7 @@ class TaskPool(BasePool):
         # even if its slot frees up before the loop gets to _drop_waiting.
         self.generation = 0
         self._stopping = False
+        self._cut_requested = False  # set on the consumer's thread; _drain may not have begun yet
         self._grace_cut: asyncio.Future[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -169,6 +170,7 @@ class TaskPool(BasePool):
         if self._stopping:
             # A cold shutdown while a warm one waits out its grace period (a signal handler, run inside the
             # wait below): cut the grace short; the first call finishes the stop.
+            self._cut_requested = True
             self.loop.call_soon_threadsafe(self._cut_grace)
             return
         self._stopping = True
@@ -191,6 +193,8 @@ class TaskPool(BasePool):
         if self._probe is not None:
             self._probe.cancel()
         self._grace_cut = self.loop.create_future()
+        if self._cut_requested:  # asked for before this coroutine began: no grace at all
+            grace_s = 0.0
         pending = [job.task for job in self.jobs if job.task is not None and job.started]
         if pending and grace_s > 0:
             logger.info("asyncio pool: waiting up to %.0f s for %d running tasks", grace_s, len(pending))

@@ -39,7 +39,7 @@ class Consumer(DeadLetterConsumer):
         # Celery closes the broken connection here (the Redis channel puts every unacked message back in its
         # queue) and only then, from on_close, calls pool.flush(). A job of the asyncio pool that was waiting
         # for a slot could start in between and then run twice; flushed first, it never starts.
-        if self.pool is not None:
+        if self.pool is not None and self.pool.flush:  # as Celery's on_close checks: billiard's may be None
             self.pool.flush()
         super().on_connection_error_after_connected(exc)
 
