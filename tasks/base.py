@@ -8,14 +8,13 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import redis
 from celery import Task
 from celery._state import _task_stack
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
 from config.celery_app import settings
-from tasks.errors import InvalidJob, JobTooLarge, RedisUnavailable
+from tasks.errors import CONNECTION_FAILURES, InvalidJob, JobTooLarge, RedisUnavailable
 from workers.bridge import on_loop, resolve
 
 __all__ = ["IOTask", "LooplineTask", "is_coroutine_task"]
@@ -109,8 +108,7 @@ class LooplineTask(Task):
 
 def _connection_failure(exc: BaseException) -> bool:
     """True if ``exc`` was caused by a connection that failed (not by Redis refusing a command)."""
-    cause = exc.__cause__ or exc.__context__
-    return isinstance(cause, redis.ConnectionError | redis.TimeoutError | OSError)
+    return isinstance(exc.__cause__ or exc.__context__, CONNECTION_FAILURES)
 
 
 class IOTask(LooplineTask):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import redis
 from kombu.exceptions import OperationalError
 
-__all__ = ["BodyTooLarge", "FetchFailed", "GuardRefused", "InvalidJob", "JobTooLarge", "RedisUnavailable",
-           "WebhookRejected"]
+__all__ = ["CONNECTION_FAILURES", "BodyTooLarge", "FetchFailed", "GuardRefused", "InvalidJob", "JobTooLarge",
+           "RedisUnavailable", "WebhookRejected"]
+
+#: What a broken connection to Redis raises (as opposed to Redis refusing a command).
+CONNECTION_FAILURES = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
 class InvalidJob(ValueError):

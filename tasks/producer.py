@@ -18,12 +18,11 @@ import asyncio
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import redis
 from celery import Task
 from celery.result import AsyncResult
 from kombu.utils.url import maybe_sanitize_url
 
-from tasks.errors import RedisUnavailable
+from tasks.errors import CONNECTION_FAILURES, RedisUnavailable
 
 __all__ = ["BATCH_MAX_COMMANDS", "Call", "asend_many", "release_result_subscriptions", "send_many"]
 
@@ -46,7 +45,7 @@ def send_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncRe
     try:
         with task.app.producer_or_acquire() as producer, producer.batch(BATCH_MAX_COMMANDS):
             return [task.apply_async(args, kwargs, producer=producer, **options) for args, kwargs in batch]
-    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+    except CONNECTION_FAILURES as exc:
         # The batch is written without kombu's retries (PublishBatch.flush), every BATCH_MAX_COMMANDS commands
         # and at the end: chunks written before the failure are queued.
         url = maybe_sanitize_url(task.app.conf.broker_url or "?")
