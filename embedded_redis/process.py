@@ -126,9 +126,12 @@ def is_alive(pid: int) -> bool:
     if pid <= 0 or reap(pid) is not None:
         return False
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        zombie = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+    if zombie:
+        reap(pid)  # a child of ours that exited since the reap above: collect it now, or its pid lingers
+    return not zombie
 
 
 def is_redis_process(pid: int, port: int) -> bool:
