@@ -130,8 +130,11 @@ def is_alive(pid: int) -> bool:
     except psutil.Error:
         return False
     if zombie:
-        reap(pid)  # a child of ours that exited since the reap above: collect it now, or its pid lingers
-    return not zombie
+        # A child of ours counts as gone once reaped, or its pid lingers. /proc says "zombie" as soon as the
+        # main thread exits, but the kernel lets the parent reap it only after its other threads (redis has
+        # several) have exited too: until then, keep waiting.
+        return pid in _children and reap(pid) is None
+    return True
 
 
 def is_redis_process(pid: int, port: int) -> bool:
