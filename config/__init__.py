@@ -1,7 +1,1 @@
-"""loopline configuration: typed settings from LOOPLINE_* environment variables."""
-
-from __future__ import annotations
-
-from config.settings import ConfigError, Settings
-
-__all__ = ["ConfigError", "Settings"]
+"""The reference pipeline's configuration: its Celery app (``config.celery_app``), built on loopline."""

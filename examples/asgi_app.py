@@ -24,8 +24,8 @@ from starlette.routing import Route
 
 import tasks
 from config.celery_app import app as celery_app
-from tasks.errors import InvalidJob
-from tasks.producer import asend_many
+from loopline.app.producer import asend_many
+from loopline.errors import InvalidJob
 
 __all__ = ["app"]
 

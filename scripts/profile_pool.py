@@ -55,9 +55,9 @@ def main() -> None:
     os.environ.setdefault("LOOPLINE_URL_ALLOWLIST", "127.0.0.1")
 
     import tasks
-    from bench.procs import start_target, start_worker
-    from bench.runner import Workload, _fill
     from config.celery_app import app
+    from loopline.bench.procs import start_target, start_worker
+    from loopline.bench.runner import Workload, _fill
 
     target, url = start_target(args.latency_ms)
     queue = f"profile.{os.getpid()}"

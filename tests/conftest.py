@@ -21,11 +21,11 @@ import redis
 import requests
 from celery import Celery
 
-from bench.procs import Child, start_target, start_worker
+from loopline.bench.procs import Child, start_target, start_worker
 
 if TYPE_CHECKING:
     from ledger import Ledger
-from embedded_redis import EmbeddedRedis
+from loopline.embedded_redis import EmbeddedRedis
 
 WORKER_READY_TIMEOUT_S = 60.0
 _session: dict[str, object] = {}
@@ -59,7 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if "config.celery_app" in sys.modules:  # results still referenced would unsubscribe after Redis stopped
         from config.celery_app import app
-        from tasks.producer import release_result_subscriptions
+        from loopline.app.producer import release_result_subscriptions
 
         release_result_subscriptions(app)
     target = _session.get("target")

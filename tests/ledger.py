@@ -21,8 +21,8 @@ from pathlib import Path
 import redis
 from celery import Celery, Task
 
-from bench.procs import Child, start_worker
 from config.celery_app import app
+from loopline.bench.procs import Child, start_worker
 
 __all__ = ["Counts", "Fleet", "Ledger", "fault_env", "job", "producer_app", "wait_for"]
 

@@ -15,10 +15,10 @@ import pytest
 import redis
 import requests
 
-from bench.procs import Child
+from loopline.app.producer import asend_many, send_many
+from loopline.bench.procs import Child
+from loopline.errors import InvalidJob
 from tasks import io_sleep
-from tasks.errors import InvalidJob
-from tasks.producer import asend_many, send_many
 
 
 def _free_port() -> int:
@@ -112,7 +112,7 @@ def test_send_many_says_when_the_connection_breaks_mid_batch(monkeypatch: pytest
     import contextlib
 
     from config.celery_app import app
-    from tasks.errors import RedisUnavailable
+    from loopline.errors import RedisUnavailable
 
     class BrokenBatch:  # kombu's Producer.batch writes the pipeline when the block ends: here it fails
         def __init__(self, producer: Any) -> None:

@@ -22,11 +22,11 @@ import async_tasks
 import pytest
 from celery.exceptions import TimeLimitExceeded
 
-from bench.procs import Child, _spawn
 from config.celery_app import app
+from loopline.bench.procs import Child, _spawn
+from loopline.concurrency.asyncio import TaskPool
+from loopline.worker.launcher import ASYNCIO_POOL
 from tasks import fetch_url, io_sleep
-from workers.asyncio_pool import TaskPool
-from workers.launcher import ASYNCIO_POOL
 
 TESTS_DIR = Path(__file__).resolve().parent
 INCLUDE_ENV = {
@@ -392,7 +392,7 @@ def test_a_celery_callback_that_raises_is_logged_with_the_task(caplog: pytest.Lo
         raise RuntimeError(f"on_success broke on {result}")
 
     try:
-        with caplog.at_level(logging.ERROR, logger="workers.asyncio_pool"):
+        with caplog.at_level(logging.ERROR, logger="loopline.concurrency.asyncio"):
             pool.on_apply(lambda *args: 42, args=("async_tasks.marked_sleep", "job-1"), callback=on_success)
             assert called.wait(10)
             _wait_until(lambda: any("finished, but Celery's on_success failed" in r.getMessage()

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from bench.procs import Child
 from config.celery_app import app
-from deadletter.store import DeadLetter, DeadLettered, DeadLetterStore, Reason
+from loopline.bench.procs import Child
+from loopline.deadletter.store import DeadLetter, DeadLettered, DeadLetterStore, Reason
 from tasks import io_sleep
 
 POOLS = ["prefork", "threads", "gevent", "asyncio"]

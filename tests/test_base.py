@@ -1,4 +1,4 @@
-"""tasks.base: what a producer sees when Redis cannot be reached, and async enqueueing of one job."""
+"""loopline.app.task: what a producer sees when Redis cannot be reached, and async enqueueing of one job."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import textwrap
 import pytest
 from kombu.exceptions import OperationalError
 
+from loopline.errors import InvalidJob, RedisUnavailable
 from tasks import io_sleep
-from tasks.errors import InvalidJob, RedisUnavailable
 
 # A producer process whose Redis is a closed loopback port; fewer retries than the app's 20 keep it short.
 PRODUCER = textwrap.dedent("""
@@ -22,7 +22,7 @@ PRODUCER = textwrap.dedent("""
     from config.celery_app import app
     app.conf.result_backend_max_retries = 2
     from tasks import io_sleep
-    from tasks.errors import RedisUnavailable
+    from loopline.errors import RedisUnavailable
     try:
         io_sleep.delay(1)
     except RedisUnavailable as exc:

@@ -15,10 +15,10 @@ import jsonschema
 import psutil
 import pytest
 
-from bench.cli import DEFAULT_CONCURRENCY, parse_concurrency, plan_from_args
-from bench.procs import Child, start_bench
-from bench.schema import RUN_SCHEMA
+from loopline.bench.procs import Child, start_bench
+from loopline.bench.schema import RUN_SCHEMA
 from loopline.cli import build_parser
+from loopline.cli.bench import DEFAULT_CONCURRENCY, parse_concurrency, plan_from_args
 
 POOLS = ["prefork", "threads", "gevent", "asyncio"]
 RUN_TIMEOUT_S = 90.0

@@ -1,4 +1,4 @@
-"""bench.jobs: percentiles, the completed-jobs timeline and the numbers a PoolResult derives from its jobs."""
+"""loopline.bench.jobs: percentiles, the completed-jobs timeline and the numbers a PoolResult derives from its jobs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench.jobs import JobTimes, PoolResult, Workload, percentile, timeline
+from loopline.bench.jobs import JobTimes, PoolResult, Workload, percentile, timeline
 
 
 def test_percentile_interpolates_between_closest_ranks() -> None:

@@ -1,4 +1,4 @@
-"""bench.record: the run file's summary across repeats, its live rewrites, and its schema."""
+"""loopline.bench.record: the run file's summary across repeats, its live rewrites, and its schema."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from bench.jobs import JobTimes, PoolResult, Workload
-from bench.record import LIVE_WRITE_INTERVAL_S, RunFile, machine_info, new_run_id, result_entry, summarize
-from bench.schema import RUN_SCHEMA
+from loopline.bench.jobs import JobTimes, PoolResult, Workload
+from loopline.bench.record import LIVE_WRITE_INTERVAL_S, RunFile, machine_info, new_run_id, result_entry, summarize
+from loopline.bench.schema import RUN_SCHEMA
 
 WORKLOAD = Workload("fetch_url", 40, 100.0, "http://127.0.0.1:9", error_rate=0.1)
 
@@ -65,7 +65,7 @@ def test_run_file_matches_its_schema_and_keeps_every_job(tmp_path: Path) -> None
 
 def test_progress_is_written_live_but_throttled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1000.0]  # the throttle's clock, moved by hand: no race with a slow machine
-    monkeypatch.setattr("bench.record.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("loopline.bench.record.time.monotonic", lambda: clock[0])
     run = RunFile(tmp_path, WORKLOAD, pools=["asyncio"], repeats=1, command="loopline bench",
                   machine=machine_info(None))
     run.write()

@@ -1,4 +1,4 @@
-"""workers.bridge on its own: drive, the greenlet bridge, and resolve from threads and forked processes."""
+"""loopline.concurrency.bridge on its own: drive, the greenlet bridge, and resolve from threads and forked processes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import greenlet
 import pytest
 from celery.utils.threads import LocalStack
 
-from workers.bridge import Interrupt, LoopGreenlet, await_only, drive, on_loop, resolve, run_in_greenlet
+from loopline.concurrency.bridge import Interrupt, LoopGreenlet, await_only, drive, on_loop, resolve, run_in_greenlet
 
 
 class Stop(Exception):
@@ -113,7 +113,7 @@ def test_a_blocking_step_is_logged_with_the_label(caplog: pytest.LogCaptureFixtu
         await drive(blocks(), Interrupt(), "slow[1]", 200)
         await drive(asyncio.sleep(0.4), Interrupt(), "fast[2]", 200)  # waiting is not blocking
 
-    with caplog.at_level(logging.WARNING, logger="workers.bridge"):
+    with caplog.at_level(logging.WARNING, logger="loopline.concurrency.bridge"):
         _run(main())
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1

@@ -8,9 +8,10 @@ from collections.abc import Callable
 
 import pytest
 
-from bench.procs import Child
-from config.celery_app import app, apply_profile
-from config.pools import profile_for
+from config.celery_app import app
+from loopline.app.install import apply_profile
+from loopline.bench.procs import Child
+from loopline.worker.sizing import profile_for
 from tasks import fetch_url
 
 LOG_ERRORS = ("MaxConnectionsError", "Too many connections", "ERROR", "Traceback", "Restoring")

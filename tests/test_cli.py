@@ -20,10 +20,10 @@ import pytest
 import redis
 import requests
 
-from bench.procs import Child
-from embedded_redis import EmbeddedRedis, free_port
+from loopline.bench.procs import Child
 from loopline.cli import build_parser
-from workers.launcher import POOLS
+from loopline.embedded_redis import EmbeddedRedis, free_port
+from loopline.worker.launcher import POOLS
 
 CLI_TIMEOUT_S = 60.0
 FLOWER_READY_TIMEOUT_S = 60.0

@@ -28,7 +28,7 @@ import yaml
 from jsonschema import Draft7Validator
 
 from loopline.cli import build_parser
-from workers.launcher import POOLS, worker_command, worker_env
+from loopline.worker.launcher import POOLS, worker_command, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"

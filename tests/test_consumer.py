@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 import redis
 
-from bench.procs import Child
+from loopline.bench.procs import Child
 from tasks import io_sleep
 
 RESULT_TIMEOUT_S = 30

@@ -12,11 +12,11 @@ import psutil
 import pytest
 import requests
 
-from bench.jobs import JobTimes, PoolResult, Workload
-from bench.procs import Child, start_dashboard
-from bench.record import RunFile, machine_info
-from dashboard.store import RunStore
-from embedded_redis import free_port
+from loopline.bench.jobs import JobTimes, PoolResult, Workload
+from loopline.bench.procs import Child, start_dashboard
+from loopline.bench.record import RunFile, machine_info
+from loopline.dashboard.store import RunStore
+from loopline.embedded_redis import free_port
 
 DONE, LIVE = "20250101-120000-done", "20250102-120000-live"
 

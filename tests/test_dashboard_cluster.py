@@ -1,12 +1,12 @@
-"""dashboard.cluster: workers online as Celery reports them, read through the session's real broker."""
+"""loopline.dashboard.cluster: workers online as Celery reports them, read through the session's real broker."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from bench.procs import Child
-from dashboard.cluster import POOL_NAMES, ClusterView
-from workers.launcher import ASYNCIO_POOL
+from loopline.bench.procs import Child
+from loopline.dashboard.cluster import POOL_NAMES, ClusterView
+from loopline.worker.launcher import ASYNCIO_POOL
 
 
 def test_workers_online_show_their_pool_and_concurrency(worker: Callable[..., Child]) -> None:
@@ -20,7 +20,7 @@ def test_workers_online_show_their_pool_and_concurrency(worker: Callable[..., Ch
 
 def test_cluster_state_counts_dead_letters() -> None:
     from config.celery_app import app
-    from deadletter.store import DeadLetter, DeadLetterStore, Reason
+    from loopline.deadletter.store import DeadLetter, DeadLetterStore, Reason
 
     view = ClusterView(None, cache_s=0)
     before = view.state()["dead_letters"]

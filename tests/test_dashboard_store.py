@@ -1,4 +1,4 @@
-"""dashboard.store: listing, loading and exporting run files, and refusing bad ids with a reason."""
+"""loopline.dashboard.store: listing, loading and exporting run files, and refusing bad ids with a reason."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.jobs import JobTimes, PoolResult, Workload
-from bench.record import RunFile, machine_info
-from dashboard.store import RunNotFound, RunStore, jobs_csv, summary_csv
+from loopline.bench.jobs import JobTimes, PoolResult, Workload
+from loopline.bench.record import RunFile, machine_info
+from loopline.dashboard.store import RunNotFound, RunStore, jobs_csv, summary_csv
 
 
 def result(pool: str, concurrency: int, jobs: int = 20) -> PoolResult:

@@ -13,13 +13,13 @@ import pytest
 import redis
 from kombu.utils.imports import symbol_by_name
 
-from bench.procs import Child
-from deadletter import size
-from deadletter.deliveries import count_key
-from deadletter.messages import envelope_problem
-from deadletter.store import RAW_LIMIT_BYTES, DeadLetter, DeadLetterStore, Reason, truncate_raw
+from loopline.bench.procs import Child
+from loopline.deadletter import size
+from loopline.deadletter.deliveries import count_key
+from loopline.deadletter.messages import envelope_problem
+from loopline.deadletter.store import RAW_LIMIT_BYTES, DeadLetter, DeadLetterStore, Reason, truncate_raw
+from loopline.errors import FetchFailed, WebhookRejected
 from tasks import deliver_webhook
-from tasks.errors import FetchFailed, WebhookRejected
 
 CLI_TIMEOUT_S = 60
 DLQ_DB = 7  # the CLI tests' own database of the session Redis, emptied before and after
@@ -184,7 +184,7 @@ def test_purge(store: DeadLetterStore) -> None:
     ({"LOOPLINE_MAX_ARG_BYTES": "2000000", "LOOPLINE_MAX_MESSAGE_BYTES": "2000000"}, "LOOPLINE_MAX_MESSAGE_BYTES"),
 ])
 def test_bad_dead_letter_settings_name_their_variable(env: dict[str, str], variable: str) -> None:
-    from config.settings import ConfigError, Settings
+    from loopline.settings import ConfigError, Settings
 
     with pytest.raises(ConfigError, match=variable):
         Settings.from_env(env)
@@ -194,8 +194,8 @@ def test_dead_letter_settings_reach_the_app() -> None:
     from config.celery_app import app, settings
 
     options = app.conf.broker_transport_options
-    assert app.conf.broker_transport == "deadletter.transport:Transport"
-    from deadletter.consumer import DeadLetterConsumer
+    assert app.conf.broker_transport == "loopline.transport.redis:Transport"
+    from loopline.worker.consumer import DeadLetterConsumer
 
     assert issubclass(symbol_by_name(app.conf.worker_consumer), DeadLetterConsumer)
     assert options["unacked_restore_interval"] == settings.restore_interval_s

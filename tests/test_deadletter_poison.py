@@ -19,8 +19,8 @@ import redis
 from celery import Celery
 from ledger import Fleet, Ledger, fault_env
 
-from deadletter.store import DeadLetterStore, Reason
-from embedded_redis import EmbeddedRedis
+from loopline.deadletter.store import DeadLetterStore, Reason
+from loopline.embedded_redis import EmbeddedRedis
 
 POOLS = ["prefork", "threads", "gevent", "asyncio"]
 HOLD_S = 0.2

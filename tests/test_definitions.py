@@ -12,11 +12,11 @@ import redis
 import requests
 from celery.exceptions import NotRegistered
 
-from bench.procs import Child
+from loopline.bench.procs import Child
+from loopline.errors import BodyTooLarge, FetchFailed, GuardRefused, InvalidJob, JobTooLarge, WebhookRejected
+from loopline.jobs.tasks import _Attempt, _webhook_spec
+from loopline.jobs.webhook_policy import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from tasks import deliver_webhook, fetch_url, io_sleep
-from tasks.definitions import _Attempt, _webhook_spec
-from tasks.errors import BodyTooLarge, FetchFailed, GuardRefused, InvalidJob, JobTooLarge, WebhookRejected
-from tasks.webhook_policy import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 
 POOLS = ["prefork", "threads", "gevent", "solo"]
 RESULT_TIMEOUT_S = 30

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import redis
 
-from embedded_redis import (
+from loopline.embedded_redis import (
     EmbeddedRedis,
     RedisBinaryNotFound,
     RedisNotRunning,
@@ -25,7 +25,7 @@ from embedded_redis import (
     free_port,
     running_url,
 )
-from embedded_redis import process as redis_process
+from loopline.embedded_redis import process as redis_process
 
 pytestmark = pytest.mark.timeout(60)
 

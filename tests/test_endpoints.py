@@ -19,8 +19,8 @@ import pytest
 import redis
 from celery import Celery
 
-from bench.procs import Child
-from embedded_redis import find_redis_server, free_port
+from loopline.bench.procs import Child
+from loopline.embedded_redis import find_redis_server, free_port
 
 PASSWORD = "s3cr3t-Pw"
 ACL_PASSWORD = "alice-Pw-9"
@@ -61,7 +61,7 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[..., int]]:
 def _run_job(url: str, queue: str) -> dict[str, object]:
     app = Celery("endpoint-producer", broker=url, backend=url, set_as_current=False)
     app.conf.update(task_serializer="json", accept_content=["json"], result_accept_content=["json"],
-                    broker_transport="deadletter.transport:Transport")
+                    broker_transport="loopline.transport.redis:Transport")
     try:
         result = app.send_task("tasks.io_sleep", (3,), queue=queue)
         value: dict[str, object] = result.get(timeout=30)
@@ -145,7 +145,7 @@ def test_rediss_with_a_private_ca_verifies_the_server(
 
 
 def test_rediss_urls_without_certificate_settings_default_to_verification() -> None:
-    from config.celery_app import _tls_defaults
+    from loopline.app.install import _tls_defaults
 
     assert _tls_defaults("rediss://127.0.0.1:6380/0") == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     assert _tls_defaults("rediss://127.0.0.1:6380/0?ssl_cert_reqs=none") is None

@@ -21,7 +21,7 @@ import redis
 from celery import Celery
 from ledger import Fleet, Ledger, fault_env, wait_for
 
-from embedded_redis import EmbeddedRedis
+from loopline.embedded_redis import EmbeddedRedis
 
 POOLS = ["prefork", "threads", "gevent", "asyncio"]
 CONCURRENCY = {"prefork": 2, "threads": 6, "gevent": 6, "asyncio": 6}

@@ -9,7 +9,7 @@ import uuid
 import pytest
 import redis
 
-from deadletter.fetch import MAX_BATCH, POP_SCRIPT, supports_atomic_fetch
+from loopline.transport.fetch import MAX_BATCH, POP_SCRIPT, supports_atomic_fetch
 
 NOW = 1_700_000_000.5
 

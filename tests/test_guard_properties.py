@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from config.celery_app import settings as loopline_settings
-from tasks import http_sync
-from tasks.errors import FetchFailed
-from tasks.specs import FetchRequest
-from tasks.urlguard import UrlRefused, check_url, resolve_and_check
+from loopline.errors import FetchFailed
+from loopline.jobs import http_sync
+from loopline.jobs.specs import FetchRequest
+from loopline.jobs.urlguard import UrlRefused, check_url, resolve_and_check
 
 pytestmark = pytest.mark.timeout(60)
 property_settings = settings(database=None, deadline=None, max_examples=150)

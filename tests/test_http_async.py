@@ -1,4 +1,4 @@
-"""tasks.http_async: how a refusal by the URL guard reaches the tasks (the HTTP itself runs in test_asyncio_pool)."""
+"""loopline.jobs.http_async: how a URL-guard refusal reaches the tasks (the HTTP itself runs in test_asyncio_pool)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from tasks import http_async
-from tasks.definitions import _fetch_spec
-from tasks.errors import FetchFailed, GuardRefused
-from tasks.urlguard import HostUnresolvable, UrlRefused
+from loopline.errors import FetchFailed, GuardRefused
+from loopline.jobs import http_async
+from loopline.jobs.tasks import _fetch_spec
+from loopline.jobs.urlguard import HostUnresolvable, UrlRefused
 
 URL = "http://hooks.example/x"
 

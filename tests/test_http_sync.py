@@ -1,13 +1,13 @@
-"""tasks.http_sync: how a refusal by the URL guard reaches the tasks (the HTTP itself runs in test_definitions)."""
+"""loopline.jobs.http_sync: how a URL-guard refusal reaches the tasks (the HTTP itself runs in test_definitions)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tasks import http_sync
-from tasks.definitions import _fetch_spec
-from tasks.errors import FetchFailed, GuardRefused
-from tasks.urlguard import HostUnresolvable, UrlRefused
+from loopline.errors import FetchFailed, GuardRefused
+from loopline.jobs import http_sync
+from loopline.jobs.tasks import _fetch_spec
+from loopline.jobs.urlguard import HostUnresolvable, UrlRefused
 
 URL = "http://hooks.example/x"
 

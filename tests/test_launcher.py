@@ -1,4 +1,4 @@
-"""Tests for workers.launcher: the ``celery worker`` argv and environment built for each pool."""
+"""Tests for loopline.worker.launcher: the ``celery worker`` argv and environment built for each pool."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 from celery import _find_option_with_arg
 
-from workers.launcher import APP, ASYNCIO_POOL, POOLS, worker_command, worker_env
+from loopline.worker.launcher import APP, ASYNCIO_POOL, POOLS, worker_command, worker_env
 
 
 def _value_after(argv: list[str], option: str) -> str:
@@ -51,7 +51,7 @@ def test_gevent_goes_through_the_command_line() -> None:
 
 
 def test_asyncio_runs_as_celery_custom_pool_named_in_the_environment() -> None:
-    from workers.asyncio_pool import TaskPool
+    from loopline.concurrency.asyncio import TaskPool
 
     assert _value_after(worker_command("asyncio", 10), "-P") == "custom"
     assert worker_env("asyncio") == {"CELERY_CUSTOM_WORKER_POOL": ASYNCIO_POOL}
@@ -105,7 +105,7 @@ def test_concurrency_below_one_raises_value_error(concurrency: int) -> None:
 
 def test_exec_worker_replaces_the_process_and_adds_the_environment() -> None:
     child = "import os; print(os.getpid(), os.environ['LOOPLINE_LAUNCH_PROBE'], os.environ['LOOPLINE_KEPT'])"
-    script = ("import sys; from workers.launcher import exec_worker; "
+    script = ("import sys; from loopline.worker.launcher import exec_worker; "
               f"exec_worker([sys.executable, '-c', {child!r}], {{'LOOPLINE_LAUNCH_PROBE': 'yes'}})")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "LOOPLINE_KEPT": "kept"}, start_new_session=True)

@@ -9,7 +9,7 @@ import pytest
 import redis
 from ledger import ACK_WINDOW_S, Ledger, producer_app
 
-from embedded_redis import free_port
+from loopline.embedded_redis import free_port
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""bench.report: the table and the verdict line, drawn from a run document's summary."""
+"""loopline.bench.report: the table and the verdict line, drawn from a run document's summary."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench.report import COLUMNS, render_table, title, verdict
+from loopline.bench.report import COLUMNS, render_table, title, verdict
 
 
 def row(pool: str, rate: float, *, processes: int = 1, repeats: int = 1,

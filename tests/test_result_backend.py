@@ -15,8 +15,8 @@ import redis
 from celery import states
 
 from config.celery_app import app
-from config.result_backend import RedisBackend, _LoopBatch
-from workers.bridge import run_in_greenlet
+from loopline.backends.redis import RedisBackend, _LoopBatch
+from loopline.concurrency.bridge import run_in_greenlet
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""bench.runner against real parts: the session's Redis, a real target with latency, real worker processes."""
+"""loopline.bench.runner against real parts: the session's Redis, a real target with latency, real worker processes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from bench.jobs import PoolResult, Workload
-from bench.procs import start_target
-from bench.runner import JobsMissing, PoolFailed, run_pool
+from loopline.bench.jobs import PoolResult, Workload
+from loopline.bench.procs import start_target
+from loopline.bench.runner import JobsMissing, PoolFailed, run_pool
 
 LATENCY_MS = 50.0
 

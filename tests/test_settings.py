@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import PREFIX, ConfigError, Settings, redact_url
+from loopline.settings import PREFIX, ConfigError, Settings, redact_url
 
 # One non-default value per field, as the environment would spell it, and the value it must parse to.
 GOOD_ENV = {
@@ -208,7 +208,7 @@ GUARD_REJECTS = ["127.0.0.1:8080", "*.example.org"]
 
 @pytest.mark.parametrize("entry", GUARD_REJECTS)
 def test_the_url_guard_rejects_these_entries(entry: str) -> None:
-    from tasks.urlguard import Allowlist
+    from loopline.jobs.urlguard import Allowlist
 
     with pytest.raises(ValueError, match="LOOPLINE_URL_ALLOWLIST"):
         Allowlist.parse([entry])

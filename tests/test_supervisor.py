@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench.procs import Child, _spawn
+from loopline.bench.procs import Child, _spawn
 from tasks import io_sleep
 
 READY_TIMEOUT_S = 60.0

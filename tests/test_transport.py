@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from bench.procs import Child
+from loopline.bench.procs import Child
 from tasks import io_sleep
 
 JOBS = 200

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.urlguard import (
+from loopline.jobs.urlguard import (
     METADATA_ADDRESSES,
     Allowlist,
     GuardedUrl,

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tasks.webhook_policy import (
+from loopline.jobs.webhook_policy import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     Verdict,

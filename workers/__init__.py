@@ -1,7 +1,5 @@
-"""Worker side of loopline: the launcher behind ``loopline worker`` (and, later, the asyncio pool)."""
+"""The reference pipeline's workers: ``loopline worker`` or ``celery -A config.celery_app worker`` from here.
 
-from __future__ import annotations
-
-from workers.launcher import POOLS, PoolChoice, exec_worker, worker_command
-
-__all__ = ["POOLS", "PoolChoice", "exec_worker", "worker_command"]
+The pools and the worker machinery are loopline's (``loopline.concurrency``, ``loopline.worker``);
+``workers.asyncio_pool:TaskPool`` stays as the name older commands use for the asyncio pool.
+"""
