@@ -7,16 +7,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Installed into site-packages, so `celery -A config.celery_app` resolves from any working directory
-# and the source tree need not stay in the image.
+# The library goes into site-packages; the reference pipeline (config/, tasks/, workers/) is not in the wheel
+# and stays in /app, the working directory, where `celery -A config.celery_app` finds it.
 COPY . /tmp/loopline-src
-RUN pip install /tmp/loopline-src && rm -rf /tmp/loopline-src
+RUN pip install /tmp/loopline-src && mkdir /app \
+    && cp -r /tmp/loopline-src/config /tmp/loopline-src/tasks /tmp/loopline-src/workers /app/ \
+    && rm -rf /tmp/loopline-src
 
-# Workers run untrusted-input I/O jobs: never as root. The home directory is writable, so LOOPLINE_HOME
-# (default .loopline/ in the working directory) works for `loopline redis` and `loopline bench`.
+# Workers run untrusted-input I/O jobs: never as root. LOOPLINE_HOME points at the writable home directory,
+# so `loopline redis` and `loopline bench` work from /app.
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin loopline
 USER loopline
-WORKDIR /home/loopline
+WORKDIR /app
+ENV LOOPLINE_HOME=/home/loopline/.loopline
 
 # Flower, when a service runs `loopline flower --host 0.0.0.0`.
 EXPOSE 5555

@@ -23,7 +23,7 @@ import pytest
 from celery.exceptions import TimeLimitExceeded
 
 from config.celery_app import app
-from loopline.bench.procs import Child, _spawn
+from loopline.bench.procs import Child, spawn
 from loopline.concurrency.asyncio import TaskPool
 from loopline.worker.launcher import ASYNCIO_POOL
 from tasks import fetch_url, io_sleep
@@ -101,7 +101,7 @@ def stock_worker(tmp_path: Path, queue: str) -> Iterator[Callable[[int], Child]]
                 "-c", str(concurrency), "-Q", queue, "-E", "-n", f"stock-{uuid.uuid4().hex[:8]}@%h",
                 "--loglevel", "INFO", "--include", "async_tasks"]
         env = {"PYTHONPATH": INCLUDE_ENV["PYTHONPATH"], "CELERY_CUSTOM_WORKER_POOL": ASYNCIO_POOL}
-        child = _spawn("stock celery worker", argv, tmp_path / f"stock-{len(started)}.log", env)
+        child = spawn("stock celery worker", argv, tmp_path / f"stock-{len(started)}.log", env)
         started.append(child)
         _wait_for_log(child, " ready.")
         return child

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from loopline.bench.procs import Child, _spawn
+from loopline.bench.procs import Child, spawn
 from tasks import io_sleep
 
 READY_TIMEOUT_S = 60.0
@@ -77,7 +77,7 @@ def test_processes_run_restart_and_stop_together(supervisor: Child, queue: str) 
 
 def test_processes_is_refused_for_prefork(tmp_path: Path) -> None:
     # As a Child: were the refusal to regress, the supervisor and any workers it started are killed, tree and all.
-    child = _spawn("refused supervisor", [sys.executable, "-m", "loopline", "worker", "--pool", "prefork",
+    child = spawn("refused supervisor", [sys.executable, "-m", "loopline", "worker", "--pool", "prefork",
                                           "--processes", "2"], tmp_path / "refused.log", None)
     try:
         child.popen.wait(60)

@@ -56,7 +56,10 @@ def send_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncRe
 
 async def asend_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncResult]:
     """:func:`send_many` without blocking the running event loop (the send runs on a worker thread)."""
-    return await asyncio.to_thread(send_many, task, list(calls), **options)
+    # A shared task is a proxy for ``current_app.tasks[name]``, and the current app is per thread: resolved on
+    # the worker thread it would be Celery's fallback app, with its default broker.
+    resolved = task._get_current_object() if hasattr(task, "_get_current_object") else task
+    return await asyncio.to_thread(send_many, resolved, list(calls), **options)
 
 
 def release_result_subscriptions(app: Any) -> None:

@@ -20,7 +20,7 @@ from typing import IO
 
 import psutil
 
-__all__ = ["Child", "ChildFailed", "start_bench", "start_dashboard", "start_target", "start_worker"]
+__all__ = ["Child", "ChildFailed", "spawn", "start_bench", "start_dashboard", "start_target", "start_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,17 +108,24 @@ def _environment(changes: Mapping[str, str | None] | None) -> dict[str, str]:
     return env
 
 
-def _spawn(name: str, argv: Sequence[str], log_path: Path | None, env: Mapping[str, str | None] | None,
-           stdout_pipe: bool = False) -> Child:
+def spawn(name: str, argv: Sequence[str], log_path: Path | None, env: Mapping[str, str | None] | None,
+          stdout_pipe: bool = False, cwd: Path | None = None) -> Child:
+    """Start ``argv`` in a process group of its own, output to ``log_path``; None in ``env`` unsets."""
     log = open(log_path, "wb") if log_path is not None else None  # noqa: SIM115 - closed by Child.stop
-    popen = subprocess.Popen(
-        list(argv),
-        stdout=subprocess.PIPE if stdout_pipe else (log or subprocess.DEVNULL),
-        stderr=log or subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        env=_environment(env),
-        start_new_session=True,
-    )
+    try:
+        popen = subprocess.Popen(
+            list(argv),
+            stdout=subprocess.PIPE if stdout_pipe else (log or subprocess.DEVNULL),
+            stderr=log or subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            env=_environment(env),
+            start_new_session=True,
+            cwd=cwd,
+        )
+    except BaseException:
+        if log is not None:
+            log.close()
+        raise
     return Child(name=name, popen=popen, log_path=log_path, _log=log)
 
 
@@ -127,7 +134,7 @@ def start_target(latency_ms: float = 0.0, *, jitter_ms: float = 0.0, error_rate:
     """Start ``bench.target`` on a free loopback port; returns the child and its base URL."""
     argv = [sys.executable, "-m", "loopline.bench.target", "--port", "0", "--latency-ms", str(latency_ms),
             "--jitter-ms", str(jitter_ms), "--error-rate", str(error_rate), "--payload-bytes", str(payload_bytes)]
-    child = _spawn("target", argv, log_path, None, stdout_pipe=True)
+    child = spawn("target", argv, log_path, None, stdout_pipe=True)
     assert child.popen.stdout is not None
     line = child.popen.stdout.readline()
     child.popen.stdout.close()
@@ -146,20 +153,20 @@ def start_worker(pool: str, concurrency: int, *, queues: Sequence[str] = (), log
             "--loglevel", "INFO"]
     if queues:
         argv += ["-Q", ",".join(queues)]
-    return _spawn(f"{pool} worker", [*argv, *extra], log_path, env)
+    return spawn(f"{pool} worker", [*argv, *extra], log_path, env)
 
 
 def start_bench(args: Sequence[str], *, log_path: Path | None = None,
                 env: Mapping[str, str | None] | None = None) -> Child:
     """Start ``loopline bench ARGS`` (its table and progress go to ``log_path``); None in ``env`` unsets."""
-    return _spawn("bench", [sys.executable, "-m", "loopline", "bench", *args], log_path, env)
+    return spawn("bench", [sys.executable, "-m", "loopline", "bench", *args], log_path, env)
 
 
 def start_dashboard(results: Path, *, log_path: Path | None = None, env: Mapping[str, str | None] | None = None,
                     extra: Sequence[str] = ()) -> tuple[Child, str]:
     """Start ``loopline dashboard`` on a free loopback port; returns the child and its base URL."""
     argv = [sys.executable, "-m", "loopline", "dashboard", "--port", "0", "--results", str(results), *extra]
-    child = _spawn("dashboard", argv, log_path, env, stdout_pipe=True)
+    child = spawn("dashboard", argv, log_path, env, stdout_pipe=True)
     assert child.popen.stdout is not None
     line = child.popen.stdout.readline().decode(errors="replace")
     child.popen.stdout.close()

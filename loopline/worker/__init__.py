@@ -1,0 +1,1 @@
+"""The worker process: its consumer, per-pool sizing, the ``loopline worker`` launcher and the supervisor."""
