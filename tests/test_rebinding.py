@@ -34,7 +34,7 @@ from tasks.definitions import fetch_url
 from tasks.errors import GuardRefused
 from tasks.guarded_adapter import GuardedAdapter
 from tasks.specs import FetchRequest, WebhookRequest
-from tasks.urlguard import Allowlist
+from tasks.urlguard import Allowlist, UrlRefused
 from workers import loop_resources
 
 pytestmark = pytest.mark.timeout(90)
@@ -245,9 +245,9 @@ def test_the_session_refuses_what_the_guard_refuses_for_any_task(
             return response.status
 
     assert _run(get(f"http://rebind.test:{servers.port}/x")) == 200
-    with pytest.raises(ValueError, match="127.0.0.2 is a loopback address"):
+    with pytest.raises(UrlRefused, match="127.0.0.2 is a loopback address"):
         _run(get(f"http://rebind.test:{servers.port}/x"))
-    with pytest.raises(ValueError, match="127.0.0.2 is a loopback address"):
+    with pytest.raises(UrlRefused, match="127.0.0.2 is a loopback address"):
         _run(get(f"http://{ALLOWED}:{servers.port}/redirect?to=http://{FORBIDDEN}:{servers.port}/x"))
     assert servers.served_by() == [ALLOWED, ALLOWED]
 
