@@ -128,7 +128,7 @@ def _own_limit(cls: type[Task], name: str) -> float | None:
     """The time limit ``name`` a task class or a base of its own sets, leaving out defaults that bind gave."""
     for klass in cls.__mro__:
         if name in vars(klass) and not vars(klass).get("_default_limits"):
-            return vars(klass)[name]  # type: ignore[no-any-return]
+            return vars(klass)[name]
     return None
 
 
