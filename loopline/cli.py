@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -151,6 +152,17 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; tests and the docker-compose check parse commands with it."""
     parser = argparse.ArgumentParser(
@@ -206,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", help="queue to send to (default: celery)")
     p.add_argument("--wait", action="store_true", help="wait for each job and print its result as a JSON line; "
                    "exit 1 if any job did not succeed")
-    p.add_argument("--timeout-s", type=float, default=60.0,
+    p.add_argument("--timeout-s", type=_positive_seconds, default=60.0,
                    help="with --wait: how long to wait per job (default: %(default)s)")
     p.set_defaults(func=cmd_enqueue)
 

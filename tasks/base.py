@@ -155,7 +155,10 @@ class IOTask(LooplineTask):
     def check_job(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Raise InvalidJob (or JobTooLarge) for a job that would fail anyway; TypeError for a bad signature."""
         try:
-            size = len(json.dumps([args, kwargs]))
+            # allow_nan=False: NaN and Infinity would go out as tokens that are not JSON.
+            size = len(json.dumps([args, kwargs], allow_nan=False))
+        except RecursionError:
+            raise InvalidJob(f"{self.name}: arguments are nested too deeply to send as JSON") from None
         except (TypeError, ValueError) as exc:
             raise InvalidJob(f"{self.name}: arguments are not JSON-serialisable: {exc}") from None
         if size > settings.max_arg_bytes:

@@ -170,6 +170,25 @@ def test_enqueue_wait_reports_a_job_that_did_not_finish(queue: str) -> None:
     assert "not finished after 0.5 s" in line["result"]
 
 
+@pytest.mark.parametrize("payload", ["NaN", "Infinity", '{"amount": -Infinity}'])
+def test_enqueue_refuses_a_payload_that_is_not_json(payload: str, redis_url: str, queue: str) -> None:
+    result = run_cli("enqueue", "deliver_webhook", "http://127.0.0.1/", "--payload", payload, "--queue", queue)
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stderr
+    assert "--payload is not valid JSON" in one_line(result.stderr)
+    assert queued_calls(redis_url, queue) == []
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "soon"])
+def test_enqueue_refuses_a_wait_timeout_that_is_not_a_positive_number(timeout: str, redis_url: str,
+                                                                      queue: str) -> None:
+    result = run_cli("enqueue", "io_sleep", "1", "--queue", queue, "--wait", "--timeout-s", timeout)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "argument --timeout-s: must be a positive number of seconds" in result.stderr
+    assert queued_calls(redis_url, queue) == []
+
+
 def test_enqueue_prints_task_ids(redis_url: str, queue: str, target_url: str) -> None:
     urls = [f"{target_url}/job?n=1", f"{target_url}/job?n=2"]
     result = run_cli("enqueue", "fetch_url", *urls, "--queue", queue)
