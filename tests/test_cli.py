@@ -378,3 +378,35 @@ def test_flower_requires_basic_auth_and_binds_loopback_only(tmp_path: Path) -> N
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
             _kill_group(proc)
+
+
+@pytest.mark.timeout(90)
+def test_flower_async_apply_answers_400_with_the_reason_for_an_invalid_job(
+    tmp_path: Path, redis_url: str, queue: str, target_url: str
+) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/"
+    log_path = tmp_path / "flower.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loopline", "flower", "--port", str(port)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env=cli_env(LOOPLINE_FLOWER_AUTH="user:pw"), start_new_session=True,
+        )
+        try:
+            _wait_for_http(base, proc, log_path)
+            url = f"{base}api/task/async-apply/tasks.fetch_url"
+            refused = requests.post(url, json={"args": ["ftp://x"], "queue": queue}, auth=("user", "pw"), timeout=10)
+            assert refused.status_code == 400, refused.text
+            assert "scheme 'ftp'" in refused.text
+            sent = requests.post(url, json={"args": [f"{target_url}/job"], "queue": queue}, auth=("user", "pw"),
+                                 timeout=10)
+            assert sent.status_code == 200, sent.text
+            assert [task_id for task_id, _ in queued_calls(redis_url, queue)] == [sent.json()["task-id"]]
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+            _kill_group(proc)
