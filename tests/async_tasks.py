@@ -22,8 +22,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from config.celery_app import app
 
 __all__ = [
+    "GATE_TIMEOUT_S",
+    "GateTimeout",
     "always_value_error",
     "arrive",
+    "arrive_async",
     "async_fetch",
     "blocker",
     "context_probe",
