@@ -116,9 +116,10 @@ app.conf.update(
     # At-least-once: ack after the body ran; a worker that dies mid-job leaves the message to be redelivered.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
-    task_time_limit=settings.task_time_limit_s,
-    task_soft_time_limit=settings.task_soft_time_limit_s,
-    # Settings.from_env refuses a visibility timeout that is not above the time limit.
+    # No task_time_limit / task_soft_time_limit: Celery would fill each one separately into every task, and
+    # the worker would give the hard one to its pool as the limit of any job without its own. The pair of
+    # LOOPLINE_TASK_*TIME_LIMIT_S defaults goes to the tasks that set neither limit (LooplineTask.bind).
+    # Settings.from_env refuses a visibility timeout that is not above the default time limit.
     broker_transport_options=_broker_transport_options(settings, _broker),
     result_expires=settings.result_expires_s,
     result_extended=True,

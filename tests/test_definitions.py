@@ -14,7 +14,7 @@ from celery.exceptions import NotRegistered
 
 from bench.procs import Child
 from tasks import deliver_webhook, fetch_url, io_sleep
-from tasks.definitions import _Attempt, _webhook_spec
+from tasks.definitions import _Attempt, _fetch_spec, _webhook_spec
 from tasks.errors import BodyTooLarge, FetchFailed, GuardRefused, InvalidJob, JobTooLarge, WebhookRejected
 from tasks.webhook_policy import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 
@@ -88,6 +88,9 @@ def test_body_over_max_bytes_fails_and_worker_keeps_serving(
         (("http://127.0.0.1/",), {"method": "BREW"}, "method"),
         (("http://127.0.0.1/",), {"timeout_s": -1}, "timeout_s"),
         (("http://127.0.0.1/",), {"headers": {"a": 1}}, "headers"),
+        (("http://127.0.0.1/",), {"max_bytes": 0.5}, "max_bytes"),
+        (("http://127.0.0.1/",), {"max_bytes": 0}, "max_bytes"),
+        (("http://127.0.0.1/",), {"timeout_s": float("nan")}, "not JSON-serialisable"),
     ],
 )
 def test_bad_fetch_input_fails_at_delay(
@@ -101,6 +104,29 @@ def test_bad_fetch_input_fails_at_delay(
 def test_non_json_argument_fails_at_delay() -> None:
     with pytest.raises(InvalidJob, match="JSON"):
         deliver_webhook.delay("http://127.0.0.1/", {"when": object()})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_webhook_payload_with_nan_or_infinity_fails_at_delay(value: float, queue: str,
+                                                              redis_client: redis.Redis) -> None:
+    with pytest.raises(InvalidJob, match="JSON"):
+        deliver_webhook.apply_async(("http://127.0.0.1/", value), queue=queue)
+    with pytest.raises(InvalidJob, match="JSON"):
+        deliver_webhook.apply_async(("http://127.0.0.1/", {"a": [value]}), queue=queue)
+    assert redis_client.llen(queue) == 0
+
+
+def test_a_webhook_payload_nested_too_deeply_fails_at_delay(queue: str, redis_client: redis.Redis) -> None:
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(InvalidJob, match="nested too deeply"):
+        deliver_webhook.apply_async(("http://127.0.0.1/", deep), queue=queue)
+    assert redis_client.llen(queue) == 0
+
+
+def test_a_whole_number_of_bytes_as_a_float_is_accepted() -> None:
+    assert _fetch_spec("http://127.0.0.1/", max_bytes=1000.0).max_bytes == 1000
 
 
 def test_oversized_arguments_fail_at_delay() -> None:
