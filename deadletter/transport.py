@@ -11,11 +11,11 @@ Two gaps of ``kombu.transport.redis.Channel`` (kombu 5.7) are closed here:
 - **An ack lost to a broken connection.** kombu removes an acked message from ``unacked`` with one write; if
   the connection is down the write fails and the ack is forgotten, and the message runs again after the
   visibility timeout (or at once: the channel's close restores it). Here an ack is recorded in memory first;
-  one that could not be sent is kept (``UnsentAcks``, per broker, for the whole process) and sent by the next
+  one that could not be sent is kept (``unsent_acks``, per broker, for the whole process) and sent by the next
   channel to that broker, also for messages delivered on a connection that has since broken. The
   visibility sweep applies such an ack instead of restoring its message. A connection that broke
-  (Celery collects it) closes without restoring its deliveries: their jobs may still be running and will
-  ack; what is never acked comes back after the visibility timeout.
+  (Celery collects it) restores at close only the deliveries whose job has not started: a started job
+  keeps running and acks (if the worker dies first, the visibility timeout brings it back).
 
 The app selects this transport for ``redis://`` and ``rediss://`` brokers (``broker_transport`` in
 config/celery_app.py); producers use it too, unchanged.
@@ -42,7 +42,7 @@ from deadletter.fetch import MAX_BATCH, POP_SCRIPT, supports_atomic_fetch
 from deadletter.messages import envelope_problem
 from deadletter.store import DeadLetter, DeadLetterStore, Reason, truncate_raw
 
-__all__ = ["Channel", "QoS", "Transport", "UnsentAcks", "unsent_acks"]
+__all__ = ["Channel", "OwedTags", "QoS", "Transport", "started_tags", "unsent_acks", "unsent_restores"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,11 @@ RESTORE_GATE = 0.9  # of the restore interval: the event loop's timer may fire a
 ACK_RETRY_S = 0.5  # after a failed ack, the least wait before the next try (a new channel tries at once)
 
 
-class UnsentAcks:
-    """Acks whose removal from ``unacked`` could not be sent, per broker, until a channel sends them.
+class OwedTags:
+    """Delivery tags owed a write that a broken connection could not make (an ack, a restore), per broker,
+    until a channel to that broker makes it.
 
-    Process-wide, because the channel that delivered a message is not the one that can ack it after a
+    Process-wide, because the channel that delivered a message is not the one that can settle it after a
     reconnect: Celery replaces the broken connection, its transport and channels, while a message still
     acks through the channel it came from (``kombu.message.Message.ack`` → ``channel.basic_ack``). A
     broker is named by ``Channel.ack_home``: host, port, database and the unacked keys.
@@ -84,7 +85,23 @@ class UnsentAcks:
         return tag in self._tags.get(home, ())
 
 
-unsent_acks = UnsentAcks()
+unsent_acks = OwedTags()  # acked: remove from unacked
+unsent_restores = OwedTags()  # not started, dropped by the pool: back to the queue
+
+
+def started_tags() -> set[str]:
+    """The delivery tags of the jobs this worker process has started and not finished.
+
+    ``celery.worker.state.active_requests`` holds each request from ``task_accepted`` (its job started: a
+    pool slot or prefork child took it) to ``task_ready``; with ``worker_cancel_long_running_tasks_on_connection_loss``
+    off, such a job runs on after the connection broke. A request still waiting for a slot is not there: the
+    pool drops it on a connection loss (``BasePool.flush``, from ``Consumer.on_close``), so its message must
+    go back to the queue.
+    """
+    from celery.worker import state
+
+    return {tag for request in list(state.active_requests)
+            if isinstance(tag := getattr(getattr(request, "message", None), "delivery_tag", None), str)}
 
 
 class QoS(kombu_redis.QoS):
@@ -102,7 +119,7 @@ class QoS(kombu_redis.QoS):
     sends what is pending before it closes. Celery runs every pool but gevent on the event loop (the
     threads pool too: ``WorkController.should_use_eventloop``), and routes their acks to its thread; acks
     made on any other thread (gevent's synchronous loop) are sent at once. An ack that cannot be sent
-    is kept and sent again (``UnsentAcks``), never dropped.
+    is kept and sent again (``unsent_acks``), never dropped.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -125,7 +142,7 @@ class QoS(kombu_redis.QoS):
         # QoS.ack writes first and counts only if the write succeeded.
         virtual.QoS.ack(self, delivery_tag)
         channel = self.channel
-        if channel.closed or channel.connection is None:  # delivered on a connection that has since broken
+        if channel.closed or channel.broken or channel.connection is None:  # its connection broke since
             unsent_acks.add(channel.ack_home, [delivery_tag])
             return
         with self._pending_lock:
@@ -177,13 +194,29 @@ class QoS(kombu_redis.QoS):
         # Called by virtual.QoS.restore_unacked_once when the channel closes. kombu's raises a connection error
         # out of Channel.close, which then never finishes; the messages are still in unacked, and the visibility
         # sweep brings them back.
+        delivered: Any = self._delivered  # kombu declares None; virtual.QoS.__init__ sets an OrderedDict
+        if self.channel.broken:
+            for tag in started_tags() & set(delivered):
+                del delivered[tag]  # left in unacked: the job acks when it ends (unsent_acks sends it)
         try:
             super().restore_unacked(client)
         except self.channel.connection_errors as exc:
-            delivered: Any = self._delivered  # kombu declares None; virtual.QoS.__init__ sets an OrderedDict
-            logger.warning("could not restore %d messages at close (%s: %s); they are redelivered after the "
-                           "visibility timeout", len(delivered), type(exc).__name__, exc)
+            unsent_restores.add(self.channel.ack_home, list(delivered))
+            logger.warning("could not restore %d messages at close (%s: %s); the next connection restores them",
+                           len(delivered), type(exc).__name__, exc)
             delivered.clear()
+
+    def restore_owed(self) -> None:
+        """Put back in their queues the messages a broken connection's close could not restore."""
+        tags = unsent_restores.take(self.channel.ack_home)
+        for at, tag in enumerate(tags):
+            try:
+                self.restore_by_tag(tag)  # a no-op for a tag no longer in unacked (a sweep restored it)
+            except self.channel.connection_errors as exc:
+                unsent_restores.add(self.channel.ack_home, tags[at:], retry_after_s=ACK_RETRY_S)
+                logger.warning("could not restore %d messages (%s: %s); trying again on the next connection",
+                               len(tags) - at, type(exc).__name__, exc)
+                return
 
 
 class Channel(kombu_redis.Channel):
@@ -203,6 +236,8 @@ class Channel(kombu_redis.Channel):
     _atomic_server: bool | None = None
     _sync_client: Any = None
     ack_home: tuple[Any, ...] = ()
+    #: Set when Celery collects the connection after it broke (Transport._collect).
+    broken = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._acked_queues: set[str] = set()
@@ -211,7 +246,9 @@ class Channel(kombu_redis.Channel):
         conninfo = self.connection.client
         self.ack_home = (conninfo.hostname, conninfo.port, str(conninfo.virtual_host), self.global_keyprefix,
                          self.unacked_key, self.unacked_index_key)
-        self.qos.flush_acks(retry_now=True)  # a new connection: the acks the broken one could not send go first
+        # A new connection: first the acks the broken one could not send, then the restores.
+        self.qos.flush_acks(retry_now=True)
+        self.qos.restore_owed()
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -486,13 +523,13 @@ class Transport(kombu_redis.Transport):
         poller.ack_flush_tref = loop.call_repeatedly(ACK_DELAY_S, poller.flush_acks)
 
     def _collect(self, connection: Any) -> None:
-        """Close a connection that broke, leaving what it delivered recorded as unacked.
+        """Close a connection that broke, leaving the deliveries of started jobs recorded as unacked.
 
         ``kombu.Connection.collect`` calls this instead of closing the channels itself; Celery collects the
         consumer's connection only after it broke (``Consumer.on_connection_error_after_connected``), with
-        ``worker_cancel_long_running_tasks_on_connection_loss`` off, so the jobs of the messages it delivered
-        keep running and ack through ``unsent_acks``. Restoring those messages here (kombu's close does) ran
-        each of them twice. A delivery Celery drops instead comes back after the visibility timeout.
+        ``worker_cancel_long_running_tasks_on_connection_loss`` off, so the jobs it delivered that have started
+        keep running and ack through ``unsent_acks``: restoring their messages (kombu's close restores every
+        delivery) ran each of them twice. The close restores only the others (``QoS.restore_unacked``).
         """
         poller: Poller = self.cycle  # type: ignore[assignment]  # kombu declares it None
         poller.close()
@@ -500,7 +537,7 @@ class Transport(kombu_redis.Transport):
         channels = [*avail, *(self.channels or ())]
         avail.clear()
         for channel in channels:
-            channel.do_restore = False
+            channel.broken = True
             try:
                 channel.close()
             except Exception as exc:  # noqa: BLE001 - one channel's trouble must not leave the others open

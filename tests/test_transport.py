@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery.worker import state
 from kombu import Connection, Exchange, Queue
 
 from bench.procs import Child
@@ -141,25 +142,52 @@ def test_closing_a_channel_restores_what_was_not_acked_and_nothing_that_was(
         assert client.hlen("unacked") == 0
 
 
+class _StartedJob:
+    """What the worker's state holds for a job that started (``celery.worker.state.task_accepted``)."""
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
+
+
 @pytest.mark.timeout(60)
-def test_a_broken_connection_restores_nothing_and_its_messages_ack_through_the_next(
+def test_a_broken_connection_restores_only_jobs_not_started_and_the_others_ack_through_the_next(
     own_redis: EmbeddedRedis, queue: str
 ) -> None:
     url, _ = _status(own_redis)
     with _connection(url) as old, redis.Redis.from_url(url) as client:
-        done, unfinished = _deliver(old, queue, 2)
-        own_redis.restart()
-        old.collect()  # what Celery's consumer does with a connection that broke; its jobs keep running
-        assert _queued(client, queue) == []
+        done, unfinished, waiting = _deliver(old, queue, 3)
+        started = [_StartedJob(done), _StartedJob(unfinished)]
+        state.active_requests.update(started)
+        try:
+            own_redis.restart()
+            old.collect()  # what Celery's consumer does with a connection that broke; started jobs keep running
+        finally:
+            state.active_requests.difference_update(started)
+        assert _queued(client, queue) == [waiting.delivery_tag]  # dropped by the pool: back in the queue at once
         with _connection(url) as new:
             channel = new.default_channel
             done.ack()  # the job finished after the reconnect: acked through the channel that delivered it
             time.sleep(VISIBILITY_TIMEOUT_S + 0.1)  # both entries are now old enough for the visibility sweep
             channel.qos.restore_visible(num=100, interval=1)
-            # The sweep queued the unfinished message again, and applied the ack of the other instead.
-            assert _queued(client, queue) == [unfinished.delivery_tag]
+            # The sweep queued the message of the job that never acked, and applied the ack of the other.
+            assert _queued(client, queue) == sorted([waiting.delivery_tag, unfinished.delivery_tag])
             assert client.hlen("unacked") == 0
-            assert _unacked_tags(client) == set()
+
+
+@pytest.mark.timeout(60)
+def test_a_restore_the_broken_connection_could_not_make_is_made_by_the_next(
+    own_redis: EmbeddedRedis, queue: str
+) -> None:
+    url, port = _status(own_redis)
+    with _connection(url) as old, redis.Redis.from_url(url) as client:
+        (waiting,) = _deliver(old, queue, 1)  # its job never started: the pool drops it on the connection loss
+        own_redis.down()
+        old.collect()  # Redis is still down: the close cannot put it back
+        own_redis.up(port)
+        with _connection(url) as new:
+            assert new.default_channel is not None
+            assert _queued(client, queue) == [waiting.delivery_tag]  # at once, not after the visibility timeout
+            assert client.hlen("unacked") == 0
 
 
 @pytest.mark.timeout(60)
