@@ -1,6 +1,6 @@
 """kombu's Redis transport, made safe: nothing popped is lost, and a bad queue entry is dead-lettered, not fatal.
 
-Two gaps of ``kombu.transport.redis.Channel`` (kombu 5.7) are closed here:
+Three gaps of ``kombu.transport.redis.Channel`` (kombu 5.7) are closed here:
 
 - **Loss on a crash.** ``BRPOP`` removes a message before the worker records it as unacked; see
   ``deadletter.fetch``. Consumers whose queues are all acknowledged (every Celery task consumer) fetch
