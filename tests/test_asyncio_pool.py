@@ -14,12 +14,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import async_tasks
 import pytest
+import redis
 from celery.exceptions import TimeLimitExceeded
 
 from config.celery_app import app
@@ -36,6 +37,8 @@ INCLUDE_ENV = {
     "CELERY_WORKER_INCLUDE": "async_tasks",
 }
 RESULT_TIMEOUT_S = 30
+# A job at a gate waits up to async_tasks.GATE_TIMEOUT_S for the rest of its group.
+GATE_RESULT_TIMEOUT_S = async_tasks.GATE_TIMEOUT_S + RESULT_TIMEOUT_S
 READY_TIMEOUT_S = 60
 
 
@@ -77,16 +80,6 @@ def _active(node: str) -> list[dict[str, Any]]:
     return (app.control.inspect(destination=[node], timeout=5).active() or {}).get(node, [])
 
 
-def _peak_overlap(spans: Iterable[dict[str, Any]]) -> int:
-    """The largest number of [started_at, finished_at] intervals open at one instant."""
-    events = sorted((t, delta) for span in spans for t, delta in ((span["started_at"], 1), (span["finished_at"], -1)))
-    running = peak = 0
-    for _, delta in events:  # at equal times -1 sorts first: touching intervals do not overlap
-        running += delta
-        peak = max(peak, running)
-    return peak
-
-
 def _async(pool: str, concurrency: int, worker: Callable[..., Child], **env: str) -> Child:
     return worker(pool, concurrency, env={**INCLUDE_ENV, **env})
 
@@ -113,46 +106,54 @@ def stock_worker(tmp_path: Path, queue: str) -> Iterator[Callable[[int], Child]]
 
 # -- concurrency ----------------------------------------------------------------------------------------------
 
-def test_200_sleeps_run_at_once_on_200_slots(worker: Callable[..., Child], queue: str) -> None:
-    worker("asyncio", 200)
-    results = [io_sleep.apply_async((500,), queue=queue) for _ in range(200)]
-    spans = [r.get(timeout=RESULT_TIMEOUT_S) for r in results]
-    assert all(span["slept_ms"] == 500 for span in spans)
-    # Run one after another, 200 sleeps never overlap; on 200 slots nearly all are in flight together.
-    assert _peak_overlap(spans) >= 150
+def test_200_jobs_are_in_flight_at_once_on_200_slots(worker: Callable[..., Child], queue: str) -> None:
+    _async("asyncio", 200, worker)
+    key = _key()
+    # Each job waits at a gate that opens only once all 200 are in flight together, however slow the machine.
+    results = [async_tasks.gather.apply_async((key, 200), queue=queue) for _ in range(200)]
+    assert sorted(r.get(timeout=GATE_RESULT_TIMEOUT_S) for r in results) == list(range(1, 201))
 
 
-def test_stock_celery_command_runs_the_pool(
-    stock_worker: Callable[[int], Child], queue: str, target_url: str, target_stats: Callable[[], dict[str, int]]
-) -> None:
+def test_stock_celery_command_runs_the_pool(stock_worker: Callable[[int], Child], queue: str, target_url: str) -> None:
     child = stock_worker(50)
-    results = [fetch_url.apply_async((f"{target_url}/job?ms=500&bytes=100",), queue=queue) for _ in range(40)]
+    results = [fetch_url.apply_async((f"{target_url}/job?bytes=100",), queue=queue) for _ in range(40)]
     pages = [r.get(timeout=RESULT_TIMEOUT_S) for r in results]
     assert all(page["status"] == 200 and page["bytes"] == 100 for page in pages)
-    assert target_stats()["peak_in_flight"] >= 30
+    key = _key()
+    gathered = [async_tasks.gather.apply_async((key, 40), queue=queue) for _ in range(40)]
+    assert sorted(r.get(timeout=GATE_RESULT_TIMEOUT_S) for r in gathered) == list(range(1, 41))
     assert "asyncio pool: 50 slots" in child.log_text()
     assert child.stop(grace_s=20) == 0
 
 
-def test_sync_tasks_run_on_threads_and_leave_the_loop_free(worker: Callable[..., Child], queue: str) -> None:
+def test_sync_tasks_run_on_threads_and_leave_the_loop_free(
+    worker: Callable[..., Child], queue: str, redis_client: redis.Redis
+) -> None:
     _async("asyncio", 60, worker)
-    naps = [async_tasks.sync_nap.apply_async((1.0,), queue=queue) for _ in range(4)]
+    key = _key()
+    # Four sync jobs block in their threads at a gate for five: it opens only when the test arrives too.
+    blocked = [async_tasks.sync_gather.apply_async((key, 5), queue=queue) for _ in range(4)]
+    _wait_until(lambda: _runs(key) == 4, "all 4 sync jobs in flight at once", timeout_s=RESULT_TIMEOUT_S)
     sleeps = [io_sleep.apply_async((100,), queue=queue) for _ in range(50)]
-    nap_spans = [r.get(timeout=RESULT_TIMEOUT_S) for r in naps]
-    sleep_spans = [r.get(timeout=RESULT_TIMEOUT_S) for r in sleeps]
-    assert _peak_overlap(nap_spans) == 4
-    assert max(s["finished_at"] for s in sleep_spans) < min(s["finished_at"] for s in nap_spans)
+    assert all(r.get(timeout=RESULT_TIMEOUT_S)["slept_ms"] == 100 for r in sleeps)
+    assert not any(r.ready() for r in blocked)  # the loop ran all 50 while every sync job still held its thread
+    redis_client.incr(key)
+    async_tasks.open_gate(redis_client, key, 5)
+    assert sorted(r.get(timeout=RESULT_TIMEOUT_S) for r in blocked) == [1, 2, 3, 4]
 
 
 def test_each_coroutine_sees_its_own_request(worker: Callable[..., Child], queue: str) -> None:
     _async("asyncio", 100, worker)
-    results = [async_tasks.context_probe.apply_async((n,), queue=queue) for n in range(100)]
-    values = [r.get(timeout=RESULT_TIMEOUT_S) for r in results]
-    for n, (result, value) in enumerate(zip(results, values, strict=True)):
-        expected = {"id": result.id, "retries": 0, "args": [n], "current_id": result.id}
-        assert value["before"] == expected
-        assert value["after"] == expected
-    assert _peak_overlap(values) >= 50  # they really were interleaved on the loop
+    _assert_each_sees_its_own_request(queue, 100)
+
+
+def _assert_each_sees_its_own_request(queue: str, count: int) -> None:
+    """``count`` context probes, all in flight at once, each see their own request after every await."""
+    key = _key()
+    results = [async_tasks.context_probe.apply_async((n, key, count), queue=queue) for n in range(count)]
+    for n, result in enumerate(results):
+        expected = {"id": result.id, "retries": 0, "args": [n, key, count], "current_id": result.id}
+        assert result.get(timeout=GATE_RESULT_TIMEOUT_S) == [expected] * 4
 
 
 # -- retries and time limits ----------------------------------------------------------------------------------
@@ -361,8 +362,9 @@ def test_pool_grow_and_shrink_change_the_slots(worker: Callable[..., Child], que
     node = _node(_async("asyncio", 1, worker))
     app.control.pool_grow(4, destination=[node], reply=True, timeout=5)
     assert _stats(node)["max-concurrency"] == 5
-    results = [async_tasks.marked_sleep.apply_async((1,), queue=queue) for _ in range(5)]
-    assert _peak_overlap(r.get(timeout=RESULT_TIMEOUT_S) for r in results) == 5
+    key = _key()
+    results = [async_tasks.gather.apply_async((key, 5), queue=queue) for _ in range(5)]
+    assert sorted(r.get(timeout=GATE_RESULT_TIMEOUT_S) for r in results) == [1, 2, 3, 4, 5]
     app.control.pool_shrink(3, destination=[node], reply=True, timeout=5)
     assert _stats(node)["max-concurrency"] == 2
 
@@ -415,9 +417,39 @@ def test_async_task_runs_under_every_pool(
     result = async_tasks.async_fetch.apply_async((f"{target_url}/job?bytes=10",), queue=queue)
     assert result.get(timeout=RESULT_TIMEOUT_S)["status"] == 200
     if concurrency == 20:
-        # The bridge waits without blocking the pool: 20 fetches with a pause are all in flight together.
-        results = [async_tasks.async_fetch.apply_async((f"{target_url}/job", 1.0), queue=queue) for _ in range(20)]
-        assert _peak_overlap(r.get(timeout=RESULT_TIMEOUT_S) for r in results) >= 15
+        # The bridge waits without blocking the pool: 20 coroutines are all in flight together.
+        key = _key()
+        results = [async_tasks.gather.apply_async((key, 20), queue=queue) for _ in range(20)]
+        assert sorted(r.get(timeout=GATE_RESULT_TIMEOUT_S) for r in results) == list(range(1, 21))
+
+
+@pytest.mark.parametrize(("pool", "concurrency"),
+                         [("prefork", 3), ("threads", 20), ("gevent", 20), ("solo", 1), ("asyncio", 20)])
+def test_self_request_and_current_task_are_right_after_every_await_under_every_pool(
+    pool: str, concurrency: int, worker: Callable[..., Child], queue: str
+) -> None:
+    _async(pool, concurrency, worker)
+    _assert_each_sees_its_own_request(queue, concurrency)
+
+
+# -- time limits a task sets for itself -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("pool", ["prefork", "asyncio"])
+def test_a_task_with_only_a_hard_limit_is_stopped_by_it(pool: str, worker: Callable[..., Child], queue: str) -> None:
+    _async(pool, 2, worker)
+    result = async_tasks.hard_limit_only.apply_async(queue=queue)  # no ValueError from a default soft limit
+    with pytest.raises(TimeLimitExceeded):
+        result.get(timeout=RESULT_TIMEOUT_S)
+    assert async_tasks.marked_sleep.apply_async((0.01,), queue=queue).get(timeout=RESULT_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("pool", ["prefork", "asyncio"])
+def test_a_task_with_only_a_soft_limit_is_not_cut_by_the_default_hard_limit(
+    pool: str, worker: Callable[..., Child], queue: str
+) -> None:
+    # The worker's defaults: hard 2 s, soft 1 s. The task's own soft limit of 400 s is the only one that applies.
+    _async(pool, 2, worker, LOOPLINE_TASK_TIME_LIMIT_S="2", LOOPLINE_TASK_SOFT_TIME_LIMIT_S="1")
+    assert async_tasks.soft_limit_only.apply_async((3,), queue=queue).get(timeout=RESULT_TIMEOUT_S) == "done"
 
 
 def test_events_for_async_tasks_are_what_flower_shows(worker: Callable[..., Child], queue: str) -> None:

@@ -1,4 +1,4 @@
-"""loopline.app.task: what a producer sees when Redis cannot be reached, and async enqueueing of one job."""
+"""tasks.base: what a producer sees when Redis cannot be reached, and async enqueueing of one job."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import subprocess
 import sys
 import textwrap
 
+import async_tasks
 import pytest
 from kombu.exceptions import OperationalError
 
+from config.celery_app import settings
 from loopline.errors import InvalidJob, RedisUnavailable
 from tasks import io_sleep
 
@@ -63,3 +65,14 @@ def test_redis_unavailable_is_a_kombu_operational_error() -> None:
 def test_delay_async_validates_before_sending(bad: object) -> None:
     with pytest.raises(InvalidJob, match=r"ms must be a number in \[0, 3600000\]"):
         asyncio.run(io_sleep.delay_async(bad))
+
+
+def test_a_task_that_sets_one_time_limit_gets_no_default_for_the_other(queue: str) -> None:
+    defaults = (settings.task_time_limit_s, settings.task_soft_time_limit_s)
+    assert (io_sleep.time_limit, io_sleep.soft_time_limit) == defaults  # sets neither: both defaults
+    assert (async_tasks.soft_cleanup.time_limit, async_tasks.soft_cleanup.soft_time_limit) == (3, 1)
+    assert (async_tasks.hard_limit_only.time_limit, async_tasks.hard_limit_only.soft_time_limit) == (1, None)
+    assert (async_tasks.soft_limit_only.time_limit, async_tasks.soft_limit_only.soft_time_limit) == (None, 400)
+    # Sent to a queue no worker reads: what matters is that Celery's limit check in apply_async passes.
+    assert async_tasks.hard_limit_only.apply_async(queue=queue).id
+    assert async_tasks.soft_limit_only.apply_async((1,), queue=queue).id

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from config.celery_app import app
+from config.celery_app import app, settings
 from loopline.app.install import apply_profile
 from loopline.bench.procs import Child
 from loopline.worker.sizing import profile_for
@@ -23,8 +23,12 @@ def test_defaults_are_safe_for_io_jobs() -> None:
     assert conf.task_serializer == "json"
     assert conf.task_acks_late is True
     assert conf.task_reject_on_worker_lost is True
-    assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit
-    assert conf.task_soft_time_limit < conf.task_time_limit
+    # The default limits are the tasks' own (tasks.base.LooplineTask.bind), not the pool's for every job.
+    assert conf.task_time_limit is None and conf.task_soft_time_limit is None
+    assert (fetch_url.time_limit, fetch_url.soft_time_limit) == (settings.task_time_limit_s,
+                                                                 settings.task_soft_time_limit_s)
+    assert conf.broker_transport_options["visibility_timeout"] > fetch_url.time_limit
+    assert fetch_url.soft_time_limit < fetch_url.time_limit
     assert conf.result_expires > 0
     assert conf.worker_send_task_events is True
 

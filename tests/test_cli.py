@@ -170,6 +170,25 @@ def test_enqueue_wait_reports_a_job_that_did_not_finish(queue: str) -> None:
     assert "not finished after 0.5 s" in line["result"]
 
 
+@pytest.mark.parametrize("payload", ["NaN", "Infinity", '{"amount": -Infinity}'])
+def test_enqueue_refuses_a_payload_that_is_not_json(payload: str, redis_url: str, queue: str) -> None:
+    result = run_cli("enqueue", "deliver_webhook", "http://127.0.0.1/", "--payload", payload, "--queue", queue)
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stderr
+    assert "--payload is not valid JSON" in one_line(result.stderr)
+    assert queued_calls(redis_url, queue) == []
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "soon"])
+def test_enqueue_refuses_a_wait_timeout_that_is_not_a_positive_number(timeout: str, redis_url: str,
+                                                                      queue: str) -> None:
+    result = run_cli("enqueue", "io_sleep", "1", "--queue", queue, "--wait", "--timeout-s", timeout)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "argument --timeout-s: must be a positive number of seconds" in result.stderr
+    assert queued_calls(redis_url, queue) == []
+
+
 def test_enqueue_prints_task_ids(redis_url: str, queue: str, target_url: str) -> None:
     urls = [f"{target_url}/job?n=1", f"{target_url}/job?n=2"]
     result = run_cli("enqueue", "fetch_url", *urls, "--queue", queue)
@@ -353,6 +372,38 @@ def test_flower_requires_basic_auth_and_binds_loopback_only(tmp_path: Path) -> N
             assert not any("user:pw" in arg for arg in psutil.Process(proc.pid).cmdline())
         finally:
             # Flower is `celery flower` exec'd in place of the CLI; its group holds everything it started.
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+            _kill_group(proc)
+
+
+@pytest.mark.timeout(90)
+def test_flower_async_apply_answers_400_with_the_reason_for_an_invalid_job(
+    tmp_path: Path, redis_url: str, queue: str, target_url: str
+) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/"
+    log_path = tmp_path / "flower.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loopline", "flower", "--port", str(port)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env=cli_env(LOOPLINE_FLOWER_AUTH="user:pw"), start_new_session=True,
+        )
+        try:
+            _wait_for_http(base, proc, log_path)
+            url = f"{base}api/task/async-apply/tasks.fetch_url"
+            refused = requests.post(url, json={"args": ["ftp://x"], "queue": queue}, auth=("user", "pw"), timeout=10)
+            assert refused.status_code == 400, refused.text
+            assert "scheme 'ftp'" in refused.text
+            sent = requests.post(url, json={"args": [f"{target_url}/job"], "queue": queue}, auth=("user", "pw"),
+                                 timeout=10)
+            assert sent.status_code == 200, sent.text
+            assert [task_id for task_id, _ in queued_calls(redis_url, queue)] == [sent.json()["task-id"]]
+        finally:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(10)

@@ -201,4 +201,4 @@ def test_dead_letter_settings_reach_the_app() -> None:
     assert options["unacked_restore_interval"] == settings.restore_interval_s
     assert options["unacked_restore_throttle"] == 1
     assert options["max_message_bytes"] == settings.max_message_bytes
-    assert options["visibility_timeout"] > app.conf.task_time_limit
+    assert options["visibility_timeout"] > settings.task_time_limit_s

@@ -14,7 +14,7 @@ from celery.exceptions import NotRegistered
 
 from loopline.bench.procs import Child
 from loopline.errors import BodyTooLarge, FetchFailed, GuardRefused, InvalidJob, JobTooLarge, WebhookRejected
-from loopline.jobs.tasks import _Attempt, _webhook_spec
+from loopline.jobs.tasks import _Attempt, _fetch_spec, _webhook_spec
 from loopline.jobs.webhook_policy import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from tasks import deliver_webhook, fetch_url, io_sleep
 
@@ -88,6 +88,9 @@ def test_body_over_max_bytes_fails_and_worker_keeps_serving(
         (("http://127.0.0.1/",), {"method": "BREW"}, "method"),
         (("http://127.0.0.1/",), {"timeout_s": -1}, "timeout_s"),
         (("http://127.0.0.1/",), {"headers": {"a": 1}}, "headers"),
+        (("http://127.0.0.1/",), {"max_bytes": 0.5}, "max_bytes"),
+        (("http://127.0.0.1/",), {"max_bytes": 0}, "max_bytes"),
+        (("http://127.0.0.1/",), {"timeout_s": float("nan")}, "not JSON-serialisable"),
     ],
 )
 def test_bad_fetch_input_fails_at_delay(
@@ -101,6 +104,29 @@ def test_bad_fetch_input_fails_at_delay(
 def test_non_json_argument_fails_at_delay() -> None:
     with pytest.raises(InvalidJob, match="JSON"):
         deliver_webhook.delay("http://127.0.0.1/", {"when": object()})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_webhook_payload_with_nan_or_infinity_fails_at_delay(value: float, queue: str,
+                                                              redis_client: redis.Redis) -> None:
+    with pytest.raises(InvalidJob, match="JSON"):
+        deliver_webhook.apply_async(("http://127.0.0.1/", value), queue=queue)
+    with pytest.raises(InvalidJob, match="JSON"):
+        deliver_webhook.apply_async(("http://127.0.0.1/", {"a": [value]}), queue=queue)
+    assert redis_client.llen(queue) == 0
+
+
+def test_a_webhook_payload_nested_too_deeply_fails_at_delay(queue: str, redis_client: redis.Redis) -> None:
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(InvalidJob, match="nested too deeply"):
+        deliver_webhook.apply_async(("http://127.0.0.1/", deep), queue=queue)
+    assert redis_client.llen(queue) == 0
+
+
+def test_a_whole_number_of_bytes_as_a_float_is_accepted() -> None:
+    assert _fetch_spec(fetch_url, "http://127.0.0.1/", max_bytes=1000.0).max_bytes == 1000
 
 
 def test_oversized_arguments_fail_at_delay() -> None:
@@ -183,7 +209,7 @@ def test_webhook_redirect_is_not_followed_nor_retried(
 
 
 def test_webhook_to_an_address_the_guard_refuses_at_run_time_is_not_retried() -> None:
-    attempt = _Attempt(_webhook_spec("http://hooks.example/x", {"a": 1}))
+    attempt = _Attempt(_webhook_spec(deliver_webhook, "http://hooks.example/x", {"a": 1}))
     refused = GuardRefused("refused http://hooks.example/x: 10.0.0.5 is a private address")
     with pytest.raises(WebhookRejected, match="10.0.0.5 is a private address; not retried"):
         attempt.settle(deliver_webhook, refused)  # raises before it would look at the task's retries

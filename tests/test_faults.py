@@ -27,6 +27,7 @@ POOLS = ["prefork", "threads", "gevent", "asyncio"]
 CONCURRENCY = {"prefork": 2, "threads": 6, "gevent": 6, "asyncio": 6}
 JOBS = 24
 HOLD_S = 0.25
+RESTART_HOLD_S = 1.0  # long enough that every slot is busy when Redis goes
 SETTLE_TIMEOUT_S = 60.0
 CHUNK_BYTES = 65536
 SLOW_LIMITS = {"LOOPLINE_VISIBILITY_TIMEOUT_S": "30", "LOOPLINE_TASK_TIME_LIMIT_S": "20",
@@ -224,13 +225,15 @@ def test_sigkill_of_a_prefork_child_redelivers_its_job(
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("pool", POOLS)
-def test_redis_restart_mid_run_workers_reconnect_and_lose_nothing(
+def test_redis_restart_mid_run_workers_reconnect_and_run_every_job_once(
     pool: str, fleet: Fleet, producer: Celery, broker: redis.Redis, ledger: Ledger, queue: str,
     private_redis: EmbeddedRedis,
 ) -> None:
     worker = fleet.start(pool, CONCURRENCY[pool], queue, **OUTAGE_LIMITS)
-    ledger.enqueue(producer, queue, JOBS, HOLD_S)
-    ledger.wait_in_flight(30, done=4, running=2)
+    ledger.enqueue(producer, queue, JOBS, RESTART_HOLD_S)
+    # Jobs running when Redis goes: they finish during the outage or just after it, so their acks are
+    # made while the connection is broken, or on the channel of the connection that broke.
+    ledger.wait_in_flight(30, done=2, running=CONCURRENCY[pool])
     down_at = time.time()
     ledger.mark_fault()
     restart = threading.Thread(target=private_redis.restart)
@@ -241,9 +244,14 @@ def test_redis_restart_mid_run_workers_reconnect_and_lose_nothing(
     restart.join()
     ledger.mark_fault(since=down_at)
     ledger.enqueue(producer, queue, JOBS // 2, HOLD_S)  # after the restart, the worker must still consume
+    # Quiet means nothing left in the queue or in ``unacked``: an ack that was lost leaves its entry there
+    # until the visibility sweep (8 s) queues the job again, so settling waits past that re-run.
     ledger.settle(broker, queue, SETTLE_TIMEOUT_S)
     counts = ledger.counts("Redis restart", pool)
-    _assert_nothing_lost(counts.lost, counts.duplicates_outside_fault, worker.log_text())
+    assert counts.lost == 0, worker.log_text()[-3000:]
+    # Every job that reached its end ran once: an ack made during the outage is applied after the reconnect.
+    assert counts.duplicated == 0, worker.log_text()[-3000:]
+    assert "Unrecoverable error" not in worker.log_text()
     assert worker.stop(grace_s=30, signum=signal.SIGTERM) == 0, worker.log_text()[-3000:]
 
 

@@ -100,9 +100,7 @@ def test_property_a_name_that_resolves_to_a_guarded_address_is_refused(
 @pytest.fixture(scope="module")
 def fetch_session() -> Iterator[None]:
     yield
-    session = getattr(http_sync._local, "session", None)  # the fetch loop's per-thread session
-    if session is not None:
-        session.close()
+    http_sync.close_sessions()  # the fetch loop's per-thread sessions
 
 
 loopback_but_not_allowlisted = st.one_of(

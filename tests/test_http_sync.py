@@ -1,31 +1,47 @@
-"""loopline.jobs.http_sync: how a URL-guard refusal reaches the tasks (the HTTP itself runs in test_definitions)."""
+"""tasks.http_sync: how a refusal by the URL guard reaches the tasks (the HTTP itself runs in test_definitions).
+
+Names answer from the scripted DNS of tests/rebind_stub.py; nothing resolves a real name or connects anywhere.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+
 import pytest
+from rebind_stub import StubDns
 
 from loopline.errors import FetchFailed, GuardRefused
 from loopline.jobs import http_sync
 from loopline.jobs.tasks import _fetch_spec
-from loopline.jobs.urlguard import HostUnresolvable, UrlRefused
+from tasks import fetch_url
 
-URL = "http://hooks.example/x"
-
-
-def _raising(exc: Exception):  # type: ignore[no-untyped-def]
-    def resolve(*_: object, **__: object) -> None:
-        raise exc
-    return resolve
+URL = "http://hooks.test/x"
 
 
-def test_an_address_the_guard_refuses_is_a_guard_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http_sync, "resolve_and_check", _raising(UrlRefused(URL, "10.0.0.5 is a private address")))
+@pytest.fixture
+def dns() -> Iterator[StubDns]:
+    stub = StubDns({"hooks.test": [["10.0.0.5"]]})
+    uninstall = stub.install()
+    yield stub
+    uninstall()
+    http_sync.close_sessions()
+
+
+def test_an_address_the_guard_refuses_is_a_guard_refusal(dns: StubDns) -> None:
     with pytest.raises(GuardRefused, match="10.0.0.5 is a private address"):
-        http_sync._guard(URL, _fetch_spec(URL))
+        http_sync.fetch(_fetch_spec(fetch_url, URL))
+    assert dns.lookups == [("hooks.test", "guard")]
 
 
-def test_a_host_that_does_not_resolve_is_a_plain_fetch_failure_worth_retrying(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http_sync, "resolve_and_check", _raising(HostUnresolvable(URL, "host does not resolve")))
-    with pytest.raises(FetchFailed, match="does not resolve") as raised:
-        http_sync._guard(URL, _fetch_spec(URL))
+def test_a_literal_address_is_refused_before_any_lookup(dns: StubDns) -> None:
+    # as a redirect hop would be: the spec itself refuses a guarded literal when the job is built
+    with pytest.raises(GuardRefused, match="10.0.0.5"):
+        http_sync.fetch(dataclasses.replace(_fetch_spec(fetch_url, URL), url="http://10.0.0.5/"))
+    assert dns.lookups == []
+
+
+def test_a_host_that_does_not_resolve_is_a_plain_fetch_failure_worth_retrying(dns: StubDns) -> None:
+    with pytest.raises(FetchFailed, match="host nowhere.test does not resolve") as raised:
+        http_sync.fetch(_fetch_spec(fetch_url, "http://nowhere.test/x"))
     assert not isinstance(raised.value, GuardRefused)

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from loopline.errors import InvalidJob
 from loopline.jobs.webhook_policy import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -181,3 +182,17 @@ def test_negative_retry_after_means_now() -> None:
 def test_parsed_http_date_feeds_the_delay() -> None:
     after = parse_retry_after("Wed, 21 Oct 2015 07:28:45 GMT", now_s=NOW_S)
     assert retry_delay_s(0, base_s=1.0, max_s=300.0, retry_after_s=after, rng=random.Random(0)) == pytest.approx(45.0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_payload_with_nan_or_infinity_is_refused_since_its_body_would_not_be_json(value: float) -> None:
+    with pytest.raises(InvalidJob, match="JSON"):
+        encode_payload({"amount": [1, value]})
+
+
+def test_a_payload_nested_too_deeply_is_an_invalid_job() -> None:
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(InvalidJob, match="nested too deeply"):
+        encode_payload(deep)

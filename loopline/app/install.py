@@ -9,7 +9,8 @@ What it gives the app (each part is named where it is configured, so ``app.conf`
 - ``worker_consumer``: the consumer of ``loopline.worker.consumer`` (bad messages and poison jobs
   dead-lettered, task events in batches) and the dead-letter signal handlers, for this app's tasks only.
 - Per-pool sizing of prefetch and Redis connection pools (``celeryd_init``), whatever started the worker.
-- ``task_cls``: :class:`loopline.app.task.LooplineTask`, so ``async def`` tasks run under every pool.
+- ``task_cls``: :class:`loopline.app.task.LooplineTask`, so ``async def`` tasks run under every pool, and a task
+  that sets neither time limit gets loopline's default pair (``task_time_limit_s``, ``task_soft_time_limit_s``).
 - Safe defaults for I/O jobs, as defaults: what the app configured itself wins.
 
 Nothing happens at import; :func:`install` reads only the app's configuration and its keyword overrides.
@@ -138,9 +139,6 @@ def install(app: Celery, *, settings: Settings | None = None, **overrides: Any) 
     if _is_redis(broker_url):
         conf.broker_transport = TRANSPORT
         conf.broker_use_ssl = conf.broker_use_ssl or _tls_defaults(broker_url)
-    if conf.task_time_limit is None and conf.task_soft_time_limit is None:
-        conf.task_time_limit = settings.task_time_limit_s
-        conf.task_soft_time_limit = settings.task_soft_time_limit_s
     conf.worker_consumer = CONSUMER
     if "Task" not in app.__dict__:  # Celery.Task is a cached property: tasks made after this get the class
         app.task_cls = TASK_CLASS

@@ -8,8 +8,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from celery import Task
-from celery._state import _task_stack
+from celery import Celery, Task
+from celery._state import pop_current_task, push_current_task
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
@@ -73,6 +73,8 @@ class LooplineTask(Task):
 
     abstract = True
     async_body: Callable[..., Any] | None = None
+    # True on a class whose time limits are loopline's defaults (set by bind), not its own.
+    _default_limits = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # celery.app.task.Task.__call__, plus the choice of body and the awaiting of its result. The tracer
@@ -82,7 +84,7 @@ class LooplineTask(Task):
             # autoretry_for wraps run in a sync function that catches what ``_orig_run`` raises; an async body
             # would raise only when awaited, outside that wrapper. Give the wrapper a body that awaits.
             self._orig_run = _AwaitingBody(orig)
-        _task_stack.push(self)
+        push_current_task(self)
         self.push_request(args=args, kwargs=kwargs)
         try:
             body = self.async_body if self.async_body is not None and on_loop() else self.run
@@ -90,7 +92,24 @@ class LooplineTask(Task):
             return resolve(result) if inspect.isawaitable(result) else result
         finally:
             self.pop_request()
-            _task_stack.pop()
+            pop_current_task()
+
+    @classmethod
+    def bind(cls, app: Celery) -> Any:
+        """Celery's ``Task.bind``, with loopline's default time limits for a task that sets neither limit.
+
+        A task that sets one limit gets no default for the other: a default soft limit above its own hard one
+        would make Celery's ``apply_async`` refuse every call, a default hard limit below its own soft one
+        would stop it before its soft limit. (Celery's ``task_time_limit`` and ``task_soft_time_limit`` would
+        each be filled in on their own by ``Task.bind``'s ``from_config``, and the worker gives them to its
+        pool as the limits of a job without its own, ``celery.worker.components.Pool.create`` and
+        ``billiard.pool.Pool.apply_async``; so the app does not set them.)
+        """
+        if _own_limit(cls, "time_limit") is None and _own_limit(cls, "soft_time_limit") is None:
+            settings = settings_for(app)
+            cls.time_limit, cls.soft_time_limit = settings.task_time_limit_s, settings.task_soft_time_limit_s
+            cls._default_limits = True
+        return super().bind(app)
 
     def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
         """Celery's ``apply_async``; when Redis cannot be reached, one :class:`RedisUnavailable` that says so.
@@ -126,6 +145,14 @@ class LooplineTask(Task):
         return await asyncio.to_thread(self.apply_async, args, kwargs, **options)
 
 
+def _own_limit(cls: type[Task], name: str) -> float | None:
+    """The time limit ``name`` a task class or a base of its own sets, leaving out defaults that bind gave."""
+    for klass in cls.__mro__:
+        if name in vars(klass) and not vars(klass).get("_default_limits"):
+            return vars(klass)[name]
+    return None
+
+
 def _connection_failure(exc: BaseException) -> bool:
     """True if ``exc`` was caused by a connection that failed (not by Redis refusing a command)."""
     return isinstance(exc.__cause__ or exc.__context__, CONNECTION_FAILURES)
@@ -149,7 +176,10 @@ class IOTask(LooplineTask):
     def check_job(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Raise InvalidJob (or JobTooLarge) for a job that would fail anyway; TypeError for a bad signature."""
         try:
-            size = len(json.dumps([args, kwargs]))
+            # allow_nan=False: NaN and Infinity would go out as tokens that are not JSON.
+            size = len(json.dumps([args, kwargs], allow_nan=False))
+        except RecursionError:
+            raise InvalidJob(f"{self.name}: arguments are nested too deeply to send as JSON") from None
         except (TypeError, ValueError) as exc:
             raise InvalidJob(f"{self.name}: arguments are not JSON-serialisable: {exc}") from None
         settings = settings_for(self.app)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -127,9 +128,47 @@ def cmd_flower(args: argparse.Namespace) -> int:
     elif args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] Flower on {args.host} without LOOPLINE_FLOWER_AUTH is open to anyone "
                       "who can reach that address")
-    argv = [sys.executable, "-m", "celery", "-A", args.app, "flower", f"--address={args.host}", f"--port={args.port}"]
+    # `celery -A APP flower ...`, run by serve_flower so that Flower answers a refused job with 400.
+    argv = [sys.executable, "-c", "import loopline.cli as c; c.serve_flower()", "-A", args.app, "flower",
+            f"--address={args.host}", f"--port={args.port}"]
     console.print(f"Flower on http://{args.host}:{args.port}/")
     exec_worker(argv, env)
+
+
+def serve_flower() -> None:
+    """Run ``celery <sys.argv[1:]>`` (the flower command) with InvalidJob answered as 400 and its reason.
+
+    Flower calls ``apply_async`` through ``flower.utils.blocking.BlockingOperationRunner.run`` (from
+    ``flower.api.tasks.TaskApply.post`` and ``TaskAsyncApply.post``), which turns any exception but a broken
+    connection into a bare 500 and logs its traceback. ``flower.app.Flower`` builds its runner from the name
+    in ``flower.app`` when it starts; the subclass there passes a job the task refused back as a 400.
+    """
+    import flower.app
+    from celery.bin.celery import main as celery_main
+    from flower.utils.blocking import BlockingOperationRunner
+    from tornado.web import HTTPError
+
+    from loopline.errors import InvalidJob
+
+    class Runner(BlockingOperationRunner):
+        async def run(self, operation: str, target: str, func: Any, *args: Any, **kwargs: Any) -> Any:
+            refused: list[InvalidJob] = []
+
+            def call(*call_args: Any, **call_kwargs: Any) -> Any:
+                try:
+                    return func(*call_args, **call_kwargs)
+                except InvalidJob as exc:
+                    refused.append(exc)
+                    return None
+
+            result = await super().run(operation, target, call, *args, **kwargs)
+            if refused:
+                raise HTTPError(400, "%s", refused[0])
+            return result
+
+    flower.app.BlockingOperationRunner = Runner
+    sys.argv = ["celery", *sys.argv[1:]]
+    sys.exit(celery_main())
 
 
 # -- bench ------------------------------------------------------------------------------------------------
@@ -154,6 +193,17 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     from loopline.cli.dlq import run_from_args
 
     return run_from_args(args)
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", help="queue to send to (default: celery)")
     p.add_argument("--wait", action="store_true", help="wait for each job and print its result as a JSON line; "
                    "exit 1 if any job did not succeed")
-    p.add_argument("--timeout-s", type=float, default=60.0,
+    p.add_argument("--timeout-s", type=_positive_seconds, default=60.0,
                    help="with --wait: how long to wait per job (default: %(default)s)")
     add_app_argument(p)
     p.set_defaults(func=cmd_enqueue)

@@ -34,6 +34,11 @@ def _lines(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+def _not_json(token: str) -> Any:
+    # Python's json reads NaN, Infinity and -Infinity, which JSON does not have.
+    raise json.JSONDecodeError(f"{token} is not a JSON value", token, 0)
+
+
 def jobs_from_args(task: str, values: Sequence[str], file: Path | None = None, payload: str | None = None,
                    secret: str | None = None) -> list[Job]:
     """Build jobs: one per URL (fetch_url, deliver_webhook) or per duration in ms (io_sleep)."""
@@ -44,9 +49,9 @@ def jobs_from_args(task: str, values: Sequence[str], file: Path | None = None, p
         return [Job(task, (url,), {}) for url in items]
     if task == "deliver_webhook":
         try:
-            body = json.loads(payload) if payload is not None else {}
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--payload is not valid JSON: {exc}") from None
+            body = json.loads(payload, parse_constant=_not_json) if payload is not None else {}
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"--payload is not valid JSON: {exc or 'nested too deeply'}") from None
         return [Job(task, (url, body), {"secret": secret} if secret else {}) for url in items]
     if task == "io_sleep":
         try:

@@ -10,7 +10,9 @@ Two directions:
   and ``current_task`` stay right for each one, inside the coroutine too: Celery's request and task
   stacks (``celery.utils.threads.LocalStack``) are keyed by ``greenlet.getcurrent``.
 - On every other pool, :func:`resolve` runs a coroutine to completion on a per-process event loop in a
-  background thread; under gevent the waiting greenlet yields to the hub instead of blocking it.
+  background thread; under gevent the waiting greenlet yields to the hub instead of blocking it. Each
+  step of the coroutine runs with the calling task and its request pushed on that thread's stacks, so
+  ``self.request`` and ``current_task`` are right there too (see :func:`_in_request`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import greenlet
+from celery._state import get_current_task, pop_current_task, push_current_task
 
 __all__ = ["Interrupt", "LoopGreenlet", "await_only", "defer", "drive", "on_loop", "resolve", "run_in_greenlet"]
 
@@ -203,6 +206,9 @@ def resolve(awaitable: Awaitable[T]) -> T:
     """Run ``awaitable`` to completion from synchronous task code, on any pool."""
     if on_loop():
         return await_only(awaitable)
+    task = get_current_task()
+    if task is not None:
+        awaitable = _in_request(awaitable, task, task.request_stack.top)
     future: Future[T] = asyncio.run_coroutine_threadsafe(_as_coroutine(awaitable), _background.loop())
     if "gevent" in sys.modules and _gevent_patched():
         return _wait_gevent(future)
@@ -211,6 +217,36 @@ def resolve(awaitable: Awaitable[T]) -> T:
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:
     return await awaitable
+
+
+@types.coroutine
+def _in_request(awaitable: Awaitable[T], task: Any, request: Any) -> Generator[Any, Any, T]:
+    """Step ``awaitable`` with ``task`` as Celery's current task and ``request`` as its request.
+
+    Celery's current-task stack (``celery._state._task_stack``) and each task's ``request_stack`` are
+    ``celery.utils.threads.LocalStack`` objects keyed by ``greenlet.getcurrent``, so on the bridge loop's
+    thread they are empty. Both are pushed for each step and popped before the loop runs any other
+    coroutine's step: many coroutines interleaved on the one loop each see their own, after every await.
+    """
+    steps = _steps(awaitable)
+    send_value: Any = None
+    throw: BaseException | None = None
+    while True:
+        push_current_task(task)
+        if request is not None:
+            task.request_stack.push(request)
+        try:
+            yielded = steps.throw(throw) if throw is not None else steps.send(send_value)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            if request is not None:
+                task.request_stack.pop()
+            pop_current_task()
+        try:
+            send_value, throw = (yield yielded), None
+        except BaseException as exc:  # noqa: BLE001 - forwarded into the coroutine, as asyncio.Task does
+            throw = exc
 
 
 def _gevent_patched() -> bool:

@@ -9,23 +9,15 @@ from urllib.parse import urljoin
 import aiohttp
 
 from loopline.concurrency.loop_resources import http_session
-from loopline.errors import BodyTooLarge, FetchFailed, GuardRefused
-from loopline.jobs.http_sync import CHUNK_BYTES, MAX_REDIRECTS, REDIRECT_CODES
+from loopline.errors import BodyTooLarge, FetchFailed
+from loopline.jobs.http_sync import CHUNK_BYTES, MAX_REDIRECTS, REDIRECT_CODES, guard_errors
 from loopline.jobs.specs import FetchRequest, FetchResult, WebhookRequest, now_s
-from loopline.jobs.urlguard import GuardedUrl, HostUnresolvable, UrlRefused, aresolve_and_check, check_url
+from loopline.jobs.urlguard import check_url
 
 __all__ = ["fetch", "post"]
 
-
-async def _guard(url: str, req: FetchRequest | WebhookRequest) -> None:
-    try:
-        guarded: GuardedUrl = check_url(url, req.allowlist)
-        if guarded.ip is None:
-            await aresolve_and_check(url, req.allowlist)
-    except HostUnresolvable as exc:
-        raise FetchFailed(str(exc)) from None
-    except UrlRefused as exc:
-        raise GuardRefused(str(exc)) from None
+# The session checks each URL again and resolves through the guard when it connects (see
+# workers.loop_resources.http_session): the name is resolved once, by the guard, per new connection.
 
 
 def _timeout(deadline: float, url: str) -> aiohttp.ClientTimeout:
@@ -41,11 +33,14 @@ async def fetch(req: FetchRequest) -> FetchResult:
     t0 = time.perf_counter()
     deadline = t0 + req.timeout_s
     url, method = req.url, req.method
+    session = http_session(req.allowlist)
     for _ in range(MAX_REDIRECTS + 1):
-        await _guard(url, req)
         try:
-            async with http_session().request(method, url, headers=req.headers, allow_redirects=False,
-                                              timeout=_timeout(deadline, req.url)) as response:
+            with guard_errors():
+                check_url(url, req.allowlist)
+                response = await session.request(method, url, headers=req.headers, allow_redirects=False,
+                                                 timeout=_timeout(deadline, req.url))
+            async with response:
                 if response.status in REDIRECT_CODES and "location" in response.headers:
                     url = urljoin(url, response.headers["location"])
                     if response.status == 303 or (response.status in (301, 302) and method == "POST"):
@@ -74,10 +69,13 @@ async def fetch(req: FetchRequest) -> FetchResult:
 
 async def post(req: WebhookRequest, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
     """POST one webhook attempt; returns (status, Retry-After header). No redirects."""
-    await _guard(req.url, req)
     try:
-        async with http_session().post(req.url, data=body, headers=headers, allow_redirects=False,
-                                       timeout=aiohttp.ClientTimeout(total=req.timeout_s)) as response:
+        with guard_errors():
+            check_url(req.url, req.allowlist)
+            response = await http_session(req.allowlist).post(req.url, data=body, headers=headers,
+                                                               allow_redirects=False,
+                                                               timeout=aiohttp.ClientTimeout(total=req.timeout_s))
+        async with response:
             await response.read()
             return response.status, response.headers.get("retry-after")
     except (aiohttp.ClientError, TimeoutError) as exc:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
+from collections.abc import Iterator
 from urllib.parse import urljoin
 
 import requests
 
 from loopline.errors import BodyTooLarge, FetchFailed, GuardRefused
+from loopline.jobs.guarded_adapter import GuardedAdapter
 from loopline.jobs.specs import FetchRequest, FetchResult, WebhookRequest, now_s
-from loopline.jobs.urlguard import HostUnresolvable, UrlRefused, resolve_and_check
+from loopline.jobs.urlguard import Allowlist, HostUnresolvable, UrlRefused, check_url
 
-__all__ = ["CHUNK_BYTES", "MAX_REDIRECTS", "REDIRECT_CODES", "fetch", "post"]
+__all__ = ["CHUNK_BYTES", "MAX_REDIRECTS", "REDIRECT_CODES", "close_sessions", "fetch", "guard_errors", "post"]
 
 MAX_REDIRECTS = 10
 CHUNK_BYTES = 64 * 1024
@@ -21,14 +24,41 @@ REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 _local = threading.local()
 
 
-def _session() -> requests.Session:
+def _session(allowlist: Allowlist) -> requests.Session:
     # One session per thread (per greenlet under gevent) keeps connections alive between jobs;
-    # requests.Session is not documented as thread-safe, so it is never shared.
-    session = getattr(_local, "session", None)
+    # requests.Session is not documented as thread-safe, so it is never shared. Its adapter guards every
+    # request and connects to the addresses it checked; one session per allowlist, so that a connection
+    # checked under one allowlist never serves a job under another.
+    sessions: dict[Allowlist, requests.Session] | None = getattr(_local, "sessions", None)
+    if sessions is None:
+        sessions = _local.sessions = {}
+    session = sessions.get(allowlist)
     if session is None:
-        session = _local.session = requests.Session()
+        session = sessions[allowlist] = requests.Session()
         session.trust_env = False
+        adapter = GuardedAdapter(allowlist)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
     return session
+
+
+def close_sessions() -> None:
+    """Close this thread's sessions (and their kept-alive connections)."""
+    for session in getattr(_local, "sessions", {}).values():
+        session.close()
+    _local.sessions = {}
+
+
+@contextlib.contextmanager
+def guard_errors() -> Iterator[None]:
+    """Turn the guard's refusals into the task errors: GuardRefused, or FetchFailed (worth retrying) for a
+    host that does not resolve."""
+    try:
+        yield
+    except HostUnresolvable as exc:
+        raise FetchFailed(str(exc)) from None
+    except UrlRefused as exc:
+        raise GuardRefused(str(exc)) from None
 
 
 def fetch(req: FetchRequest) -> FetchResult:
@@ -38,12 +68,13 @@ def fetch(req: FetchRequest) -> FetchResult:
     deadline = t0 + req.timeout_s
     url, method = req.url, req.method
     for _ in range(MAX_REDIRECTS + 1):
-        _guard(url, req)
         try:
-            response = _session().request(
-                method, url, headers=req.headers, timeout=_remaining(deadline, req.url), allow_redirects=False,
-                stream=True,
-            )
+            with guard_errors():
+                check_url(url, req.allowlist)  # what requests might not parse is refused as the guard words it
+                response = _session(req.allowlist).request(
+                    method, url, headers=req.headers, timeout=_remaining(deadline, req.url), allow_redirects=False,
+                    stream=True,
+                )
         except requests.RequestException as exc:
             raise FetchFailed(f"{method} {url} failed: {exc.__class__.__name__}: {exc}") from None
         with response:
@@ -69,22 +100,15 @@ def fetch(req: FetchRequest) -> FetchResult:
 
 def post(req: WebhookRequest, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
     """POST one webhook attempt; returns (status, Retry-After header). No redirects."""
-    _guard(req.url, req)
     try:
-        with _session().post(req.url, data=body, headers=headers, timeout=req.timeout_s,
-                             allow_redirects=False) as response:
+        with guard_errors():
+            check_url(req.url, req.allowlist)
+            response = _session(req.allowlist).post(req.url, data=body, headers=headers, timeout=req.timeout_s,
+                                                    allow_redirects=False)
+        with response:
             return response.status_code, response.headers.get("retry-after")
     except requests.RequestException as exc:
         raise FetchFailed(f"POST {req.url} failed: {exc.__class__.__name__}: {exc}") from None
-
-
-def _guard(url: str, req: FetchRequest | WebhookRequest) -> None:
-    try:
-        resolve_and_check(url, req.allowlist)
-    except HostUnresolvable as exc:
-        raise FetchFailed(str(exc)) from None
-    except UrlRefused as exc:
-        raise GuardRefused(str(exc)) from None
 
 
 def _remaining(deadline: float, url: str) -> float:

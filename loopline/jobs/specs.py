@@ -14,6 +14,7 @@ from typing import Any
 
 from loopline.errors import InvalidJob
 from loopline.jobs.urlguard import Allowlist, UrlRefused, check_url
+from loopline.jobs.webhook_policy import encode_payload
 from loopline.settings import Settings
 
 __all__ = [
@@ -69,6 +70,16 @@ def _positive(name: str, value: object, default: float, upper: float) -> float:
     return value
 
 
+def _positive_int(name: str, value: object, default: int, upper: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1000.0 from a JSON client that writes every number as a float
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= upper:
+        raise InvalidJob(f"{name} must be a whole number in [1, {upper}], got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class FetchRequest:
     """A validated ``fetch_url`` job."""
@@ -99,7 +110,7 @@ class FetchRequest:
             method=method.upper(),
             headers=_check_headers(headers),
             timeout_s=_positive("timeout_s", timeout_s, min(settings.fetch_timeout_s, limit_s), limit_s),
-            max_bytes=int(_positive("max_bytes", max_bytes, settings.fetch_max_bytes, 2**40)),
+            max_bytes=_positive_int("max_bytes", max_bytes, settings.fetch_max_bytes, 2**40),
             allowlist=allowlist,
         )
 
@@ -147,6 +158,7 @@ class WebhookRequest:
         if secret is not None and (not isinstance(secret, str) or not secret):
             raise InvalidJob("secret must be a non-empty string or None")
         limit_s = settings.task_soft_time_limit_s
+        encode_payload(payload)  # InvalidJob now, at .delay(), for a payload whose body would not be JSON
         return cls(
             url=_check_url(url, allowlist),
             payload=payload,

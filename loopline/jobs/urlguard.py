@@ -20,7 +20,12 @@ a wider CIDR. A host-name entry (case-insensitive, trailing dot ignored) allows 
 everything it resolves to.
 
 ``check_url`` does no DNS; ``resolve_and_check`` and ``aresolve_and_check`` resolve the host and
-check every address. Clients must connect to the checked addresses to be safe from DNS rebinding.
+check every address. Every lookup goes through one seam, the installed :class:`Resolver` (the system's
+``getaddrinfo`` unless :func:`install_resolver` put another in place), and clients connect to the
+addresses it returned instead of resolving the name again: ``tasks.guarded_adapter`` pins them for
+requests, and the aiohttp session's resolver (``workers.loop_resources``) is the guard itself. A name
+that answers an allowed address to the check and another one later (DNS rebinding) so never gets its
+second answer connected to.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from loopline.settings import redact_url
@@ -42,11 +48,15 @@ __all__ = [
     "GuardedUrl",
     "HostUnresolvable",
     "IPAddress",
+    "Resolver",
     "UrlRefused",
     "aresolve_and_check",
+    "aresolve_host",
     "check_address",
     "check_url",
+    "install_resolver",
     "resolve_and_check",
+    "resolve_host",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -267,45 +277,83 @@ def _check_url(url: str, allow: Allowlist) -> GuardedUrl:
     return guarded
 
 
-def _check_resolved(guarded: GuardedUrl, allow: Allowlist, addresses: list[str]) -> list[IPAddress]:
-    if not addresses:
-        raise UrlRefused(guarded.url, f"{guarded.host} resolves to no address")
-    if allow.allows_host(guarded.host):
-        return [_parse_ip(address, guarded.url) for address in addresses]
-    return [check_address(address, allow, url=guarded.url) for address in addresses]
-
-
 class HostUnresolvable(UrlRefused):
     """The host did not resolve (now): unlike the other refusals, this one may pass on a later try."""
+
+
+class Resolver:
+    """How the guard turns a host name into addresses: the system's ``getaddrinfo``.
+
+    The one place loopline asks DNS. Subclass it and :func:`install_resolver` an instance to answer
+    differently (the rebinding tests script answers this way); both methods return the addresses as
+    strings, in the resolver's order, and raise ``OSError`` for a name that does not resolve.
+    """
+
+    def resolve(self, host: str, port: int) -> list[str]:
+        return _addresses(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+
+    async def aresolve(self, host: str, port: int) -> list[str]:
+        """``resolve`` without blocking the event loop (the loop runs ``getaddrinfo`` in its executor)."""
+        return _addresses(await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM))
+
+
+def _addresses(infos: list[tuple[Any, ...]]) -> list[str]:
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+_resolver = Resolver()
+
+
+def install_resolver(resolver: Resolver) -> Resolver:
+    """Make ``resolver`` the one every check (and so every guarded connection) uses; returns the previous one."""
+    global _resolver
+    previous, _resolver = _resolver, resolver
+    return previous
+
+
+def _check_resolved(url: str, host: str, allow: Allowlist, addresses: list[str]) -> list[IPAddress]:
+    if not addresses:
+        raise UrlRefused(url, f"{host} resolves to no address")
+    if allow.allows_host(host):
+        return [_parse_ip(address, url) for address in addresses]
+    return [check_address(address, allow, url=url) for address in addresses]
+
+
+def resolve_host(host: str, port: int, allowlist: Allowlist | None = None, *, url: str = "") -> list[IPAddress]:
+    """Resolve ``host`` through the installed resolver and check every address; return them all.
+
+    Raises :class:`UrlRefused` (naming ``url``) if any address is guarded, and the resolver's ``OSError``
+    if the name does not resolve.
+    """
+    return _check_resolved(url, host, allowlist or _NOTHING_ALLOWED, _resolver.resolve(host, port))
+
+
+async def aresolve_host(host: str, port: int, allowlist: Allowlist | None = None, *,
+                        url: str = "") -> list[IPAddress]:
+    """:func:`resolve_host` for asyncio: resolves without blocking the event loop."""
+    return _check_resolved(url, host, allowlist or _NOTHING_ALLOWED, await _resolver.aresolve(host, port))
 
 
 def _unresolvable(guarded: GuardedUrl, exc: Exception) -> UrlRefused:
     return HostUnresolvable(guarded.url, f"host {guarded.host} does not resolve ({exc})")
 
 
-def _system_resolve(host: str, port: int) -> list[str]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
-async def _asyncio_resolve(host: str, port: int) -> list[str]:
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
 def resolve_and_check(
     url: str, allowlist: Allowlist | None = None, *, resolver: Callable[[str, int], list[str]] | None = None
 ) -> list[IPAddress]:
-    """:func:`check_url`, then resolve the host and check every address; return them all."""
+    """:func:`check_url`, then resolve the host and check every address; return them all.
+
+    ``resolver`` replaces the installed :class:`Resolver` for this one call.
+    """
     allow = allowlist or _NOTHING_ALLOWED
     guarded = check_url(url, allow)
     if guarded.ip is not None:
         return [guarded.ip]
     try:
-        addresses = (resolver or _system_resolve)(guarded.host, guarded.port)
+        addresses = (resolver or _resolver.resolve)(guarded.host, guarded.port)
     except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
         raise _unresolvable(guarded, exc) from None
-    return _check_resolved(guarded, allow, addresses)
+    return _check_resolved(guarded.url, guarded.host, allow, addresses)
 
 
 async def aresolve_and_check(
@@ -320,7 +368,7 @@ async def aresolve_and_check(
     if guarded.ip is not None:
         return [guarded.ip]
     try:
-        addresses = await (resolver or _asyncio_resolve)(guarded.host, guarded.port)
+        addresses = await (resolver or _resolver.aresolve)(guarded.host, guarded.port)
     except (OSError, UnicodeError) as exc:
         raise _unresolvable(guarded, exc) from None
-    return _check_resolved(guarded, allow, addresses)
+    return _check_resolved(guarded.url, guarded.host, allow, addresses)

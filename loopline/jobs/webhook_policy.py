@@ -11,6 +11,8 @@ import time
 from enum import Enum
 from typing import Any
 
+from loopline.errors import InvalidJob
+
 __all__ = [
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
@@ -37,8 +39,17 @@ class Verdict(Enum):
 
 
 def encode_payload(payload: Any) -> bytes:
-    """The exact bytes that are POSTed and signed: compact JSON with sorted keys."""
-    return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    """The exact bytes that are POSTed and signed: compact JSON with sorted keys.
+
+    Raises InvalidJob for a payload that has no such bytes: NaN or Infinity (Python's ``json`` would write
+    them, but they are not JSON), a value JSON cannot hold, or one nested too deeply to encode.
+    """
+    try:
+        return json.dumps(payload, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    except RecursionError:
+        raise InvalidJob("payload is nested too deeply to encode as JSON") from None
+    except (TypeError, ValueError) as exc:
+        raise InvalidJob(f"payload cannot be sent as JSON: {exc}") from None
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:

@@ -1,6 +1,6 @@
 """kombu's Redis transport, made safe: nothing popped is lost, and a bad queue entry is dead-lettered, not fatal.
 
-Two gaps of ``kombu.transport.redis.Channel`` (kombu 5.7) are closed here:
+Three gaps of ``kombu.transport.redis.Channel`` (kombu 5.7) are closed here:
 
 - **Loss on a crash.** ``BRPOP`` removes a message before the worker records it as unacked; see
   ``deadletter.fetch``. Consumers whose queues are all acknowledged (every Celery task consumer) fetch
@@ -8,6 +8,14 @@ Two gaps of ``kombu.transport.redis.Channel`` (kombu 5.7) are closed here:
 - **One bad entry stops the worker.** ``_brpop_read`` parses each entry with ``json.loads`` and builds a
   ``virtual.Message`` from it; an entry that is not JSON, or lacks ``properties``, raises out of the event
   loop ("Unrecoverable error"). Such entries, and entries over ``max_message_bytes``, are dead-lettered.
+- **An ack lost to a broken connection.** kombu removes an acked message from ``unacked`` with one write; if
+  the connection is down the write fails and the ack is forgotten, and the message runs again after the
+  visibility timeout (or at once: the channel's close restores it). Here an ack is recorded in memory first;
+  one that could not be sent is kept (``unsent_acks``, per broker, for the whole process) and sent by the next
+  channel to that broker, also for messages delivered on a connection that has since broken. The
+  visibility sweep applies such an ack instead of restoring its message. A connection that broke
+  (Celery collects it) restores at close only the deliveries whose job has not started: a started job
+  keeps running and acks (if the worker dies first, the visibility timeout brings it back).
 
 The app selects this transport for ``redis://`` and ``rediss://`` brokers (``broker_transport`` in
 ``loopline.install``); producers use it too, unchanged.
@@ -19,7 +27,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from queue import Empty
 from typing import Any
@@ -28,12 +36,13 @@ from celery import current_app
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str, str_to_bytes
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from loopline.deadletter.messages import envelope_problem
 from loopline.deadletter.store import DeadLetter, DeadLetterStore, Reason, truncate_raw
 from loopline.transport.fetch import MAX_BATCH, POP_SCRIPT, supports_atomic_fetch
 
-__all__ = ["Channel", "QoS", "Transport"]
+__all__ = ["Channel", "OwedTags", "QoS", "Transport", "started_tags", "unsent_acks", "unsent_restores"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +51,57 @@ CREDIT_RECHECK_S = 0.05
 ACK_DELAY_S = 0.05  # the longest an ack made on the event loop waits to be sent with others
 ACK_BATCH = 64  # or until this many are waiting
 RESTORE_GATE = 0.9  # of the restore interval: the event loop's timer may fire a little early
+ACK_RETRY_S = 0.5  # after a failed ack, the least wait before the next try (a new channel tries at once)
+
+
+class OwedTags:
+    """Delivery tags owed a write that a broken connection could not make (an ack, a restore), per broker,
+    until a channel to that broker makes it.
+
+    Process-wide, because the channel that delivered a message is not the one that can settle it after a
+    reconnect: Celery replaces the broken connection, its transport and channels, while a message still
+    acks through the channel it came from (``kombu.message.Message.ack`` → ``channel.basic_ack``). A
+    broker is named by ``Channel.ack_home``: host, port, database and the unacked keys.
+    """
+
+    def __init__(self) -> None:
+        self._tags: dict[tuple[Any, ...], set[str]] = {}
+        self._retry_at: dict[tuple[Any, ...], float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, home: tuple[Any, ...], tags: Iterable[str], *, retry_after_s: float = 0.0) -> None:
+        with self._lock:
+            self._tags.setdefault(home, set()).update(tags)
+            self._retry_at[home] = time.monotonic() + retry_after_s
+
+    def due(self, home: tuple[Any, ...]) -> bool:
+        return bool(self._tags.get(home)) and time.monotonic() >= self._retry_at.get(home, 0.0)
+
+    def take(self, home: tuple[Any, ...]) -> list[str]:
+        with self._lock:
+            return list(self._tags.pop(home, ()))
+
+    def holds(self, home: tuple[Any, ...], tag: str) -> bool:
+        return tag in self._tags.get(home, ())
+
+
+unsent_acks = OwedTags()  # acked: remove from unacked
+unsent_restores = OwedTags()  # not started, dropped by the pool: back to the queue
+
+
+def started_tags() -> set[str]:
+    """The delivery tags of the jobs this worker process has started and not finished.
+
+    ``celery.worker.state.active_requests`` holds each request from ``task_accepted`` (its job started: a
+    pool slot or prefork child took it) to ``task_ready``; with ``worker_cancel_long_running_tasks_on_connection_loss``
+    off, such a job runs on after the connection broke. A request still waiting for a slot is not there: the
+    pool drops it on a connection loss (``BasePool.flush``, from ``Consumer.on_close``), so its message must
+    go back to the queue.
+    """
+    from celery.worker import state
+
+    return {tag for request in list(state.active_requests)
+            if isinstance(tag := getattr(getattr(request, "message", None), "delivery_tag", None), str)}
 
 
 class QoS(kombu_redis.QoS):
@@ -58,7 +118,8 @@ class QoS(kombu_redis.QoS):
     unacked, so a worker that dies in between has it redelivered (at least once, never lost); the channel
     sends what is pending before it closes. Celery runs every pool but gevent on the event loop (the
     threads pool too: ``WorkController.should_use_eventloop``), and routes their acks to its thread; acks
-    made on any other thread (gevent's synchronous loop) stay immediate.
+    made on any other thread (gevent's synchronous loop) are sent at once. An ack that cannot be sent
+    is kept and sent again (``unsent_acks``), never dropped.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -76,32 +137,86 @@ class QoS(kombu_redis.QoS):
             super().append(message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
-        if threading.get_ident() != self.channel.connection.cycle.loop_thread:
-            return super().ack(delivery_tag)
+        # Counted at once, and in memory before any write: the prefetch credit returns, and the channel's close
+        # (virtual.QoS.restore_unacked_once drops acked tags first) never restores the message. kombu's
+        # QoS.ack writes first and counts only if the write succeeded.
+        virtual.QoS.ack(self, delivery_tag)
+        channel = self.channel
+        if channel.closed or channel.broken or channel.connection is None:  # its connection broke since
+            unsent_acks.add(channel.ack_home, [delivery_tag])
+            return
         with self._pending_lock:
             if not self._pending_acks:
                 self._pending_since = time.monotonic()
             self._pending_acks.append(delivery_tag)
-        virtual.QoS.ack(self, delivery_tag)
-        return None
+        if threading.get_ident() != channel.connection.cycle.loop_thread:
+            self.flush_acks()
 
-    def flush_acks(self, *, due_only: bool = False) -> None:
-        """Remove the pending acks' messages from the unacked records, in one round trip.
+    def flush_acks(self, *, due_only: bool = False, retry_now: bool = False) -> None:
+        """Remove the acked messages from the unacked records, in one round trip: the pending acks, and those
+        kept from failed tries (at most every ACK_RETRY_S, unless ``retry_now``).
 
-        With ``due_only``, only once ACK_BATCH are pending or the oldest has waited ACK_DELAY_S.
+        With ``due_only``, the pending acks go only once ACK_BATCH are pending or the oldest has waited
+        ACK_DELAY_S. Acks that cannot be sent are kept in ``unsent_acks``, for this or the next channel.
         """
-        if not self._pending_acks:
+        home = self.channel.ack_home
+        carried = retry_now or unsent_acks.due(home)
+        if not self._pending_acks and not carried:
             return
-        if due_only and len(self._pending_acks) < ACK_BATCH and time.monotonic() - self._pending_since < ACK_DELAY_S:
+        if (due_only and not carried and len(self._pending_acks) < ACK_BATCH
+                and time.monotonic() - self._pending_since < ACK_DELAY_S):
             return
         with self._pending_lock:
             tags, self._pending_acks = self._pending_acks, []
+        if carried:
+            tags += unsent_acks.take(home)
+        if not tags:
+            return
         try:
             with self.channel.conn_or_acquire() as client:
                 client.pipeline().zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
-        except Exception as exc:  # noqa: BLE001 - as kombu's Message.ack_log_error: the jobs are redelivered
-            logger.error("could not acknowledge %d messages (%s: %s); they will be redelivered after the "
-                         "visibility timeout", len(tags), type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 - as kombu's Message.ack_log_error, but the acks are kept
+            unsent_acks.add(home, tags, retry_after_s=ACK_RETRY_S)
+            logger.warning("could not acknowledge %d messages (%s: %s); trying again when Redis is back",
+                           len(tags), type(exc).__name__, exc)
+
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        # The visibility sweep (kombu's QoS.restore_visible) and the close (restore_unacked) restore through here.
+        # A message acked but not yet removed from unacked ran to its end: remove it instead.
+        name = bytes_to_str(tag)
+        if name in self._pending_acks or unsent_acks.holds(self.channel.ack_home, name):
+            with self.pipe_or_acquire(client=client) as pipe:
+                self._remove_from_indices(tag, pipe).execute()
+            return
+        super().restore_by_tag(tag, client=client, leftmost=leftmost)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        # Called by virtual.QoS.restore_unacked_once when the channel closes. kombu's raises a connection error
+        # out of Channel.close, which then never finishes; the messages are still in unacked, and the visibility
+        # sweep brings them back.
+        delivered: Any = self._delivered  # kombu declares None; virtual.QoS.__init__ sets an OrderedDict
+        if self.channel.broken:
+            for tag in started_tags() & set(delivered):
+                del delivered[tag]  # left in unacked: the job acks when it ends (unsent_acks sends it)
+        try:
+            super().restore_unacked(client)
+        except self.channel.connection_errors as exc:
+            unsent_restores.add(self.channel.ack_home, list(delivered))
+            logger.warning("could not restore %d messages at close (%s: %s); the next connection restores them",
+                           len(delivered), type(exc).__name__, exc)
+            delivered.clear()
+
+    def restore_owed(self) -> None:
+        """Put back in their queues the messages a broken connection's close could not restore."""
+        tags = unsent_restores.take(self.channel.ack_home)
+        for at, tag in enumerate(tags):
+            try:
+                self.restore_by_tag(tag)  # a no-op for a tag no longer in unacked (a sweep restored it)
+            except self.channel.connection_errors as exc:
+                unsent_restores.add(self.channel.ack_home, tags[at:], retry_after_s=ACK_RETRY_S)
+                logger.warning("could not restore %d messages (%s: %s); trying again on the next connection",
+                               len(tags) - at, type(exc).__name__, exc)
+                return
 
 
 class Channel(kombu_redis.Channel):
@@ -120,11 +235,20 @@ class Channel(kombu_redis.Channel):
     _fetch_queue: str = ""
     _atomic_server: bool | None = None
     _sync_client: Any = None
+    ack_home: tuple[Any, ...] = ()
+    #: Set when Celery collects the connection after it broke (Transport._collect).
+    broken = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._acked_queues: set[str] = set()
         self._recorded: set[str] = set()
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # pings Redis: it is reachable now
+        conninfo = self.connection.client
+        self.ack_home = (conninfo.hostname, conninfo.port, str(conninfo.virtual_host), self.global_keyprefix,
+                         self.unacked_key, self.unacked_index_key)
+        # A new connection: first the acks the broken one could not send, then the restores.
+        self.qos.flush_acks(retry_now=True)
+        self.qos.restore_owed()
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -133,12 +257,29 @@ class Channel(kombu_redis.Channel):
         if client is not None:
             yield client
             return
+        if self.connection is None or self.connection.client is None:
+            # Closed, or its kombu Connection collected (Connection.collect → _do_close_transport): kombu's
+            # _connparams would raise AttributeError ('NoneType' ... 'hostname'), which no caller treats as the
+            # connection loss it is; Celery's consumer then dies with "Unrecoverable error".
+            raise RedisConnectionError("the channel's connection is closed")
         if self._sync_client is None or self._sync_client.connection_pool is not self.pool:  # new after a reconnect
             self._sync_client = self._create_client()
         yield self._sync_client
 
     def close(self) -> None:
-        self.qos.flush_acks()
+        if not self.closed:
+            self.qos.flush_acks(retry_now=True)
+            self._closing = True  # as kombu's close sets it: an empty pop must not start a wait
+            if self._in_poll:
+                # kombu.transport.redis.Channel.close reads the outstanding reply and lets anything but Empty
+                # out, so a broken connection stops the close half-way: the channel stays open and registered,
+                # and kombu closes it again once its Connection is gone (then _connparams raises).
+                try:
+                    self._brpop_read()
+                except Empty:
+                    pass
+                except self.connection_errors as exc:
+                    logger.debug("the outstanding fetch failed at close: %r", exc)
         super().close()
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
@@ -380,3 +521,24 @@ class Transport(kombu_redis.Transport):
         if poller.ack_flush_tref is not None:
             poller.ack_flush_tref.cancel()
         poller.ack_flush_tref = loop.call_repeatedly(ACK_DELAY_S, poller.flush_acks)
+
+    def _collect(self, connection: Any) -> None:
+        """Close a connection that broke, leaving the deliveries of started jobs recorded as unacked.
+
+        ``kombu.Connection.collect`` calls this instead of closing the channels itself; Celery collects the
+        consumer's connection only after it broke (``Consumer.on_connection_error_after_connected``), with
+        ``worker_cancel_long_running_tasks_on_connection_loss`` off, so the jobs it delivered that have started
+        keep running and ack through ``unsent_acks``: restoring their messages (kombu's close restores every
+        delivery) ran each of them twice. The close restores only the others (``QoS.restore_unacked``).
+        """
+        poller: Poller = self.cycle  # type: ignore[assignment]  # kombu declares it None
+        poller.close()
+        avail: list[Any] = self._avail_channels
+        channels = [*avail, *(self.channels or ())]
+        avail.clear()
+        for channel in channels:
+            channel.broken = True
+            try:
+                channel.close()
+            except Exception as exc:  # noqa: BLE001 - one channel's trouble must not leave the others open
+                logger.warning("closing a channel of a broken connection failed (%s: %s)", type(exc).__name__, exc)

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded, TaskRevokedError, TimeLimitExceeded
+from waiting import wait_for_log
 
 from loopline.bench.procs import Child, spawn
-from waiting import wait_for_log
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULT_TIMEOUT_S = 60
@@ -193,7 +193,8 @@ def user_worker(venv: Path, project: Path, redis_url: str, queue: str,
 
     def start(argv: list[str], **extra: str) -> Child:
         # Celery's own console script belongs to this environment, not the new one: run it as a module.
-        command = [str(venv / "bin" / "python"), "-m", "celery"] if argv[0] == "celery" else [str(venv / "bin" / argv[0])]
+        bin_dir = venv / "bin"
+        command = [str(bin_dir / "python"), "-m", "celery"] if argv[0] == "celery" else [str(bin_dir / argv[0])]
         child = spawn(f"user worker {argv[0]}", [*command, *argv[1:]],
                       tmp_path / f"worker-{len(started)}.log", _user_env(venv, redis_url, queue, **extra),
                       cwd=project)
