@@ -206,3 +206,11 @@ async def async_fetch(url: str, pause_s: float = 0.0) -> dict[str, Any]:
         body = await response.read()
     await asyncio.sleep(pause_s)
     return {"status": response.status, "bytes": len(body), "started_at": started_at, "finished_at": time.time()}
+
+
+@app.task(name="async_tasks.retry_sleep_is_cooperative")
+def retry_sleep_is_cooperative() -> bool:
+    """True when the sleep between the result backend's retries (kombu's retry_over_time) is the patched one."""
+    import kombu.utils.functional
+
+    return kombu.utils.functional.sleep is time.sleep

@@ -96,3 +96,16 @@ def test_the_running_worker_has_its_pools_prefetch_window(
     stats = (app.control.inspect(destination=[node], timeout=5).stats() or {}).get(node)
     assert stats is not None, child.log_text()[-2000:]
     assert stats["prefetch_count"] == window
+
+
+@pytest.mark.timeout(90)
+def test_a_gevent_worker_sleeps_cooperatively_between_result_retries(worker: Callable[..., Child], queue: str) -> None:
+    # Blocking sleeps there froze every greenlet for a second per retry while Redis restarted.
+    import os
+
+    from async_tasks import retry_sleep_is_cooperative
+
+    tests_dir = os.path.dirname(__file__)
+    worker("gevent", 2, env={"CELERY_WORKER_INCLUDE": "async_tasks",
+                             "PYTHONPATH": os.pathsep.join((tests_dir, os.path.dirname(tests_dir)))})
+    assert retry_sleep_is_cooperative.apply_async(queue=queue).get(timeout=60) is True

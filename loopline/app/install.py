@@ -163,6 +163,8 @@ def _connect_signals(app: Celery) -> None:
         profile = profile_for(opts.get("pool_cls") or opts.get("pool"), opts.get("concurrency"))
         apply_profile(conf, profile)
         _applied[id(app)] = profile
+        if profile.pool == "gevent":
+            _cooperative_retry_sleeps()
 
     def after_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
         if instance is None or instance.app is not app:
@@ -206,6 +208,21 @@ def _apply_prefetch(instance: Any, profile: PoolProfile) -> None:
         slots = max(getattr(instance, "max_concurrency", None) or instance.concurrency or 1, 1)
         consumer.prefetch_multiplier = multiplier
         consumer.initial_prefetch_count = slots * multiplier
+
+
+def _cooperative_retry_sleeps() -> None:
+    """Make the sleeps between the result backend's retries yield to gevent's hub instead of blocking it.
+
+    Celery retries a result write through ``kombu.utils.functional.retry_over_time``, which sleeps with the
+    ``sleep`` that ``from time import sleep`` bound when kombu was imported. gevent's ``patch_all`` imports
+    kombu (through ``celery.local`` proxies it inspects in ``_patch_existing_locks``) before it patches
+    ``time``, so that one is the real sleep: while Redis restarts, every retry froze every greenlet for a second.
+    """
+    import time
+
+    import kombu.utils.functional
+
+    kombu.utils.functional.sleep = time.sleep  # the patched (gevent) sleep, now
 
 
 def apply_profile(conf: Any, profile: PoolProfile) -> None:
