@@ -93,7 +93,7 @@ def test_the_running_worker_has_its_pools_prefetch_window(
     match = re.search(r"(\S+@\S+) ready\.", child.log_text())
     assert match is not None, child.log_text()[-2000:]
     node = match.group(1)
-    stats = (app.control.inspect(destination=[node], timeout=5).stats() or {}).get(node)
+    stats = (app.control.inspect(destination=[node], timeout=15).stats() or {}).get(node)
     assert stats is not None, child.log_text()[-2000:]
     assert stats["prefetch_count"] == window
 
