@@ -34,16 +34,32 @@ class _TouchOnLoad:
 
 
 def envelope(queue: str, body: bytes, *, content_type: str = "application/json",
-             headers: dict[str, object] | None = None) -> bytes:
+             headers: dict[str, object] | None = None, tag: str | None = None) -> bytes:
     """A kombu Redis envelope as ``send_task`` would write it, with the given body and headers."""
     if headers is None:
         headers = {"lang": "py", "task": "tasks.io_sleep", "id": str(uuid.uuid4()), "retries": 0}
     return json.dumps({
         "body": base64.b64encode(body).decode(), "content-encoding": "utf-8", "content-type": content_type,
         "headers": headers,
-        "properties": {"delivery_tag": str(uuid.uuid4()), "body_encoding": "base64", "delivery_mode": 2,
+        "properties": {"delivery_tag": tag or str(uuid.uuid4()), "body_encoding": "base64", "delivery_mode": 2,
                        "priority": 0, "delivery_info": {"exchange": "", "routing_key": queue}},
     }).encode()
+
+
+def task_message(task_id: str, args: list[object], *, headers: dict[str, object] | None = None,
+                 embed: dict[str, object] | None = None) -> tuple[dict[str, object], bytes]:
+    """Headers and JSON body of an ``io_sleep`` message with every field Celery sends (``AMQP.as_task_v2``),
+    then ``headers`` and ``embed`` laid over them."""
+    message = app.amqp.as_task_v2(task_id, "tasks.io_sleep", args, {})
+    body_args, body_kwargs, body_embed = message.body
+    return {**message.headers, **(headers or {})}, json.dumps([body_args, body_kwargs,
+                                                               {**body_embed, **(embed or {})}]).encode()
+
+
+def unacked(client: redis.Redis, tags: list[str]) -> list[str]:
+    """Those of ``tags`` that kombu's Redis transport still holds as delivered but not acknowledged."""
+    held = client.hmget("unacked", tags) if tags else []
+    return [tag for tag, value in zip(tags, held, strict=True) if value is not None]
 
 
 def bad_messages(queue: str, marker: Path) -> dict[str, tuple[bytes, str, str]]:
@@ -129,3 +145,52 @@ def test_a_dead_lettered_task_fails_its_result_with_the_reason(
         entry = DeadLetterStore(client).get(task_id)
         assert entry is not None and entry.args == [5] and entry.task == "tasks.io_sleep"
         DeadLetterStore(client).remove(task_id)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("pool", POOLS)
+def test_a_malformed_celery_header_is_dead_lettered_and_the_worker_keeps_serving(
+    pool: str, worker: Callable[..., Child], queue: str, redis_url: str
+) -> None:
+    # Request.revoked() iterates stamped_headers: a TypeError there stopped every worker (issue 10, item 1).
+    child = worker(pool, 2)
+    task_id, tag = str(uuid.uuid4()), str(uuid.uuid4())
+    headers, body = task_message(task_id, [5], headers={"stamped_headers": 5})
+    with redis.Redis.from_url(redis_url, socket_timeout=10) as client:
+        client.lpush(queue, envelope(queue, body, headers=headers, tag=tag))
+        with pytest.raises(DeadLettered, match="invalid: .*TypeError"):
+            app.AsyncResult(task_id).get(timeout=30)
+        assert io_sleep.apply_async((5,), queue=queue).get(timeout=30)["slept_ms"] == 5
+        store = DeadLetterStore(client)
+        entry = store.get(task_id)
+        assert entry is not None and entry.reason == Reason.INVALID and entry.args == [5], entry
+        store.remove(task_id)
+        assert not unacked(client, [tag])
+    log = child.log_text()
+    assert "Unrecoverable error" not in log and log.count("dead-lettered ") == 1, log[-4000:]
+    assert child.alive()
+    assert child.stop(grace_s=30, signum=signal.SIGTERM) == 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("pool", POOLS)
+def test_an_exception_outside_the_task_body_fails_the_task_once_and_acks_it(
+    pool: str, worker: Callable[..., Child], queue: str, redis_url: str
+) -> None:
+    # The tracer raises after the body ran, handling callbacks/chain/errbacks (issue 10, item 5).
+    child = worker(pool, 2)
+    task_id, tag = str(uuid.uuid4()), str(uuid.uuid4())
+    headers, body = task_message(task_id, [5], embed={"callbacks": "nope", "errbacks": 5, "chain": "x"})
+    with redis.Redis.from_url(redis_url, socket_timeout=10) as client:
+        client.lpush(queue, envelope(queue, body, headers=headers, tag=tag))
+        with pytest.raises(Exception) as failure:
+            app.AsyncResult(task_id).get(timeout=30)
+        assert not isinstance(failure.value, DeadLettered), failure.value
+        assert io_sleep.apply_async((5,), queue=queue).get(timeout=30)["slept_ms"] == 5
+        deadline = time.monotonic() + 10
+        while unacked(client, [tag]):
+            assert time.monotonic() < deadline, f"never acked:\n{child.log_text()[-4000:]}"
+            time.sleep(0.1)
+        assert client.llen(queue) == 0
+    assert child.alive()
+    assert child.stop(grace_s=30, signum=signal.SIGTERM) == 0
