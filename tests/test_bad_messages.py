@@ -156,11 +156,12 @@ def test_a_dead_lettered_task_fails_its_result_with_the_reason(
 
 
 # header -> words of the dead-letter error. Each stopped every worker (issue 10, item 1): the first is checked
-# before Celery reads it; Celery raises on the others, in Request.revoked (a stamp that cannot be a dict key)
+# before Celery reads it; Celery raises on the others, in Request.revoked (stamps that cannot be dict keys)
 # and Request.__init__ (an empty expiry it takes for a date), and the consumer dead-letters what it raised.
 MALFORMED_HEADERS: list[tuple[dict[str, object], str]] = [
     ({"stamped_headers": 5}, "header 'stamped_headers' must be a list"),
     ({"stamped_headers": [["a"]]}, "Celery could not take the message: TypeError"),
+    ({"stamped_headers": [{"b": 1}]}, "Celery could not take the message: TypeError"),
     ({"expires": ""}, "Celery could not take the message: AttributeError"),
 ]
 
@@ -170,7 +171,9 @@ MALFORMED_HEADERS: list[tuple[dict[str, object], str]] = [
 def test_a_malformed_celery_header_is_dead_lettered_and_the_worker_keeps_serving(
     pool: str, worker: Callable[..., Child], queue: str, redis_url: str
 ) -> None:
-    child = worker(pool, 2)  # fewer slots than bad messages: one that kept its slot would block the good job
+    # As many slots as messages that raise after prefork's worker took a slot (WorkController._process_task_sem):
+    # had they kept their slots, the good job would never start.
+    child = worker(pool, 2)
     sent = [(str(uuid.uuid4()), str(uuid.uuid4()), headers, words) for headers, words in MALFORMED_HEADERS]
     with redis.Redis.from_url(redis_url, socket_timeout=10) as client:
         for task_id, tag, headers, _ in sent:
