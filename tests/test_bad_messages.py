@@ -7,6 +7,7 @@ import base64
 import json
 import pickle
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import redis
+from billiard.einfo import ExceptionInfo
 
 from bench.procs import Child
 from config.celery_app import app
 from deadletter.store import DeadLetter, DeadLettered, DeadLetterStore, Reason
 from tasks import io_sleep
+from workers.asyncio_pool import TaskPool
 
 POOLS = ["prefork", "threads", "gevent", "asyncio"]
 
@@ -214,3 +217,40 @@ def test_an_exception_outside_the_task_body_fails_the_task_once_and_acks_it(
         assert client.llen(queue) == 0
     assert child.alive()
     assert child.stop(grace_s=30, signum=signal.SIGTERM) == 0
+
+
+class _RequestCallbacks:
+    """What the asyncio pool calls back on: Celery's Request hands it its bound ``on_accepted``."""
+
+    def __init__(self) -> None:
+        self.failures: list[ExceptionInfo] = []
+        self.failed = threading.Event()
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        pass
+
+    def on_failure(self, exc_info: ExceptionInfo, **_: object) -> None:
+        self.failures.append(exc_info)
+        self.failed.set()
+
+
+@pytest.mark.parametrize("name", ["tasks.io_sleep", "celery.backend_cleanup"])  # an async body, a sync one
+def test_an_asyncio_target_that_raises_fails_the_request_once(name: str) -> None:
+    """In process, no worker: what raises out of Celery's tracer on the asyncio pool fails the request, as
+    prefork's pool does (Request.on_failure acks it), instead of leaving the message unacknowledged."""
+    pool = TaskPool(limit=2, app=app)
+    pool.on_start()
+    request = _RequestCallbacks()
+
+    def target(*args: object) -> None:
+        raise RuntimeError("the tracer broke")
+
+    try:
+        pool.on_apply(target, args=(name, "job-1"), accept_callback=request.on_accepted,
+                      callback=lambda result: pytest.fail(f"on_success called with {result!r}"))
+        assert request.failed.wait(10)
+    finally:
+        pool.on_stop()
+    assert len(request.failures) == 1
+    raised = request.failures[0].exception
+    assert "the tracer broke" in str(getattr(raised, "exc", raised))  # billiard wraps it: ExceptionWithTraceback
