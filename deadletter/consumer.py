@@ -82,10 +82,10 @@ class DeadLetterConsumer(Consumer):
         """Dead-letter a message that Celery raised on while turning it into a request or handing it over.
 
         ``on_task_received`` handles the errors it expects (InvalidTaskError, ContentDisallowed,
-        DecodeError); anything else -- a header of the wrong type read by ``Request.__init__`` or
-        ``Request.revoked`` (``stamped_headers``, ``stamps``, ``shadow`` ...), or by the strategy
-        (``celery.worker.strategy.default``) -- escapes to the event loop and stops the worker, and the
-        message, left unacked, stops the next one too.
+        DecodeError); anything else -- an empty ``expires`` that ``Request.__init__`` takes for a date, a
+        stamp in ``stamped_headers`` that ``Request.revoked`` cannot look up, whatever the strategy
+        (``celery.worker.strategy.default``) trips on -- escapes to the event loop and stops the worker, and
+        the message, left unacked, stops the next one too.
         """
         request = _reserved_request(message)
         if request is not None and request._apply_result is not None:

@@ -47,8 +47,8 @@ def envelope_problem(payload: object, decode_body: Callable[[Any, str | None], o
 
 # Optional headers (None is fine) that Celery reads after the consumer has handed the request to the pool, where a
 # wrong type raises out of the pool's callbacks or the result backend and the task never gets a result:
-# the task's name is a key of the worker's counters (``celery.worker.state.task_accepted``); ``stamps`` and
-# ``stamped_headers`` go into every stored result (``celery.backends.base.Backend._get_result_meta``).
+# ``shadow`` becomes the task's name, a key of the worker's counters (``celery.worker.state.task_accepted``);
+# ``stamps`` and ``stamped_headers`` go into every stored result (``celery.backends.base.Backend._get_result_meta``).
 TYPED_HEADERS: dict[str, type] = {"shadow": str, "stamps": dict, "stamped_headers": list}
 
 
