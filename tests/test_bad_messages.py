@@ -7,6 +7,7 @@ import base64
 import json
 import pickle
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import redis
+from billiard.einfo import ExceptionInfo
 
 from config.celery_app import app
 from loopline.bench.procs import Child
 from loopline.deadletter.store import DeadLetter, DeadLettered, DeadLetterStore, Reason
 from tasks import io_sleep
+from loopline.concurrency.asyncio import TaskPool
 
 POOLS = ["prefork", "threads", "gevent", "asyncio"]
 
@@ -34,16 +37,40 @@ class _TouchOnLoad:
 
 
 def envelope(queue: str, body: bytes, *, content_type: str = "application/json",
-             headers: dict[str, object] | None = None) -> bytes:
+             headers: dict[str, object] | None = None, tag: str | None = None) -> bytes:
     """A kombu Redis envelope as ``send_task`` would write it, with the given body and headers."""
     if headers is None:
         headers = {"lang": "py", "task": "tasks.io_sleep", "id": str(uuid.uuid4()), "retries": 0}
     return json.dumps({
         "body": base64.b64encode(body).decode(), "content-encoding": "utf-8", "content-type": content_type,
         "headers": headers,
-        "properties": {"delivery_tag": str(uuid.uuid4()), "body_encoding": "base64", "delivery_mode": 2,
+        "properties": {"delivery_tag": tag or str(uuid.uuid4()), "body_encoding": "base64", "delivery_mode": 2,
                        "priority": 0, "delivery_info": {"exchange": "", "routing_key": queue}},
     }).encode()
+
+
+def task_message(task_id: str, args: list[object], *, headers: dict[str, object] | None = None,
+                 embed: dict[str, object] | None = None) -> tuple[dict[str, object], bytes]:
+    """Headers and JSON body of an ``io_sleep`` message with every field Celery sends (``AMQP.as_task_v2``),
+    then ``headers`` and ``embed`` laid over them."""
+    message = app.amqp.as_task_v2(task_id, "tasks.io_sleep", args, {})
+    body_args, body_kwargs, body_embed = message.body
+    return {**message.headers, **(headers or {})}, json.dumps([body_args, body_kwargs,
+                                                               {**body_embed, **(embed or {})}]).encode()
+
+
+def wait_acked(client: redis.Redis, tags: list[str], child: Child, timeout_s: float = 10.0) -> None:
+    """Wait until the worker has acknowledged every one of ``tags`` (the asyncio pool sends acks in batches)."""
+    deadline = time.monotonic() + timeout_s
+    while left := unacked(client, tags):
+        assert time.monotonic() < deadline, f"never acked: {left}\n{child.log_text()[-4000:]}"
+        time.sleep(0.1)
+
+
+def unacked(client: redis.Redis, tags: list[str]) -> list[str]:
+    """Those of ``tags`` that kombu's Redis transport still holds as delivered but not acknowledged."""
+    held = client.hmget("unacked", tags) if tags else []
+    return [tag for tag, value in zip(tags, held, strict=True) if value is not None]
 
 
 def bad_messages(queue: str, marker: Path) -> dict[str, tuple[bytes, str, str]]:
@@ -129,3 +156,101 @@ def test_a_dead_lettered_task_fails_its_result_with_the_reason(
         entry = DeadLetterStore(client).get(task_id)
         assert entry is not None and entry.args == [5] and entry.task == "tasks.io_sleep"
         DeadLetterStore(client).remove(task_id)
+
+
+# header -> words of the dead-letter error. Each stopped every worker (issue 10, item 1): the first is checked
+# before Celery reads it; Celery raises on the others, in Request.revoked (stamps that cannot be dict keys)
+# and Request.__init__ (an empty expiry it takes for a date), and the consumer dead-letters what it raised.
+MALFORMED_HEADERS: list[tuple[dict[str, object], str]] = [
+    ({"stamped_headers": 5}, "header 'stamped_headers' must be a list"),
+    ({"stamped_headers": [["a"]]}, "Celery could not take the message: TypeError"),
+    ({"stamped_headers": [{"b": 1}]}, "Celery could not take the message: TypeError"),
+    ({"expires": ""}, "Celery could not take the message: AttributeError"),
+]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("pool", POOLS)
+def test_a_malformed_celery_header_is_dead_lettered_and_the_worker_keeps_serving(
+    pool: str, worker: Callable[..., Child], queue: str, redis_url: str
+) -> None:
+    # As many slots as messages that raise after prefork's worker took a slot (WorkController._process_task_sem):
+    # had they kept their slots, the good job would never start.
+    child = worker(pool, 2)
+    sent = [(str(uuid.uuid4()), str(uuid.uuid4()), headers, words) for headers, words in MALFORMED_HEADERS]
+    with redis.Redis.from_url(redis_url, socket_timeout=10) as client:
+        for task_id, tag, headers, _ in sent:
+            message_headers, body = task_message(task_id, [5], headers=headers)
+            client.lpush(queue, envelope(queue, body, headers=message_headers, tag=tag))
+        store = DeadLetterStore(client)
+        for task_id, _, headers, words in sent:
+            with pytest.raises(DeadLettered, match="invalid: "):
+                app.AsyncResult(task_id).get(timeout=30)
+            entry = store.get(task_id)
+            assert entry is not None and entry.reason == Reason.INVALID and words in entry.error, (headers, entry)
+            assert entry.args == [5], entry
+            store.remove(task_id)
+        assert io_sleep.apply_async((5,), queue=queue).get(timeout=30)["slept_ms"] == 5
+        wait_acked(client, [tag for _, tag, _, _ in sent], child)
+    log = child.log_text()
+    assert "Unrecoverable error" not in log and log.count("dead-lettered ") == len(sent), log[-4000:]
+    assert child.alive()
+    assert child.stop(grace_s=30, signum=signal.SIGTERM) == 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("pool", POOLS)
+def test_an_exception_outside_the_task_body_fails_the_task_once_and_acks_it(
+    pool: str, worker: Callable[..., Child], queue: str, redis_url: str
+) -> None:
+    # The tracer raises after the body ran, handling callbacks/chain/errbacks (issue 10, item 5).
+    child = worker(pool, 2)
+    task_id, tag = str(uuid.uuid4()), str(uuid.uuid4())
+    headers, body = task_message(task_id, [5], embed={"callbacks": "nope", "errbacks": 5, "chain": "x"})
+    with redis.Redis.from_url(redis_url, socket_timeout=10) as client:
+        client.lpush(queue, envelope(queue, body, headers=headers, tag=tag))
+        with pytest.raises(Exception) as failure:
+            app.AsyncResult(task_id).get(timeout=30)
+        assert not isinstance(failure.value, DeadLettered), failure.value
+        assert io_sleep.apply_async((5,), queue=queue).get(timeout=30)["slept_ms"] == 5
+        wait_acked(client, [tag], child)
+        assert client.llen(queue) == 0
+    assert child.alive()
+    assert child.stop(grace_s=30, signum=signal.SIGTERM) == 0
+
+
+class _RequestCallbacks:
+    """What the asyncio pool calls back on: Celery's Request hands it its bound ``on_accepted``."""
+
+    def __init__(self) -> None:
+        self.failures: list[ExceptionInfo] = []
+        self.failed = threading.Event()
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        pass
+
+    def on_failure(self, exc_info: ExceptionInfo, **_: object) -> None:
+        self.failures.append(exc_info)
+        self.failed.set()
+
+
+@pytest.mark.parametrize("name", ["tasks.io_sleep", "celery.backend_cleanup"])  # an async body, a sync one
+def test_an_asyncio_target_that_raises_fails_the_request_once(name: str) -> None:
+    """In process, no worker: what raises out of Celery's tracer on the asyncio pool fails the request, as
+    prefork's pool does (Request.on_failure acks it), instead of leaving the message unacknowledged."""
+    pool = TaskPool(limit=2, app=app)
+    pool.on_start()
+    request = _RequestCallbacks()
+
+    def target(*args: object) -> None:
+        raise RuntimeError("the tracer broke")
+
+    try:
+        pool.on_apply(target, args=(name, "job-1"), accept_callback=request.on_accepted,
+                      callback=lambda result: pytest.fail(f"on_success called with {result!r}"))
+        assert request.failed.wait(10)
+    finally:
+        pool.on_stop()
+    assert len(request.failures) == 1
+    raised = request.failures[0].exception
+    assert "the tracer broke" in str(getattr(raised, "exc", raised))  # billiard wraps it: ExceptionWithTraceback

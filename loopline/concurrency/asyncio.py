@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from billiard.einfo import ExceptionInfo
 from celery.concurrency.base import BasePool, apply_target
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -310,7 +311,12 @@ class TaskPool(BasePool):
                 _call(job, job.timeout_callback, False, job.hard_s)
             return
         except Exception:
-            logger.exception("asyncio pool: %s crashed outside the task body", job.label)
+            # As prefork's pool does with an error out of its target (billiard's worker sends it back, the
+            # pool calls Request.on_failure): the task fails once and its message is acked, not left unacked.
+            logger.exception("asyncio pool: %s crashed outside the task body; it fails", job.label)
+            request = getattr(job.accept_callback, "__self__", None)
+            if request is not None:
+                _call(job, request.on_failure, ExceptionInfo())
             return
         finally:
             for timer in timers:

@@ -10,7 +10,7 @@ from kombu.message import Message
 
 from loopline.deadletter.store import Reason
 
-__all__ = ["Problem", "envelope_problem", "message_problem", "task_fields"]
+__all__ = ["TYPED_HEADERS", "Problem", "envelope_problem", "message_problem", "task_fields"]
 
 Problem = tuple[str, str]  # (Reason.*, what is wrong)
 
@@ -45,6 +45,13 @@ def envelope_problem(payload: object, decode_body: Callable[[Any, str | None], o
     return None
 
 
+# Optional headers (None is fine) that Celery reads after the consumer has handed the request to the pool, where a
+# wrong type raises out of the pool's callbacks or the result backend and the task never gets a result:
+# ``shadow`` becomes the task's name, a key of the worker's counters (``celery.worker.state.task_accepted``);
+# ``stamps`` and ``stamped_headers`` go into every stored result (``celery.backends.base.Backend._get_result_meta``).
+TYPED_HEADERS: dict[str, type] = {"shadow": str, "stamps": dict, "stamped_headers": list}
+
+
 def _time_limit_problem(value: object) -> str | None:
     if value is None:
         return None
@@ -61,7 +68,9 @@ def message_problem(message: Message) -> Problem | None:
     Celery's consumer (``celery.worker.consumer.consumer.Consumer.create_task_handler``) handles a missing
     ``task`` header, an unknown task, an undecodable body and a refused serializer; what it does not check
     (a non-string id, a body that is not ``[args, kwargs, embed]``, a malformed time limit) raises from
-    ``celery.worker.request.Request`` and stops the consumer. Those are caught here, before it runs.
+    ``celery.worker.request.Request`` and stops the consumer. Those are caught here, before it runs, and so
+    are the TYPED_HEADERS, which raise later, where nothing could report them. Whatever else Celery raises
+    on while taking the message, the consumer dead-letters (``DeadLetterConsumer._on_unusable``).
     """
     headers = message.headers
     if not isinstance(headers, dict) or "task" not in headers:
@@ -72,6 +81,9 @@ def message_problem(message: Message) -> Problem | None:
     retries = headers.get("retries", 0)
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         return Reason.INVALID, f"header 'retries' must be a non-negative integer, got {retries!r}"
+    for name, kind in TYPED_HEADERS.items():
+        if headers.get(name) is not None and not isinstance(headers[name], kind):
+            return Reason.INVALID, f"header {name!r} must be a {kind.__name__} or null, got {headers[name]!r}"
     limit_problem = _time_limit_problem(headers.get("timelimit"))
     if limit_problem:
         return Reason.INVALID, limit_problem

@@ -20,15 +20,21 @@ which Celery runs without an event loop, keeps sending each event at once (stock
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import redis
-from celery import signals
-from celery.exceptions import NotRegistered
+from celery import Task, signals
+from celery.app.trace import TraceInfo, report_internal_error, trace_ok_t
+from celery.exceptions import NotRegistered, Reject
+from celery.states import FAILURE
 from celery.utils.collections import AttributeDict
+from celery.worker import state
 from celery.worker.consumer.consumer import Consumer as CeleryConsumer
+from celery.worker.request import Request
+from celery.worker.worker import WorkController
 from kombu.exceptions import ContentDisallowed
 from kombu.message import Message
 from vine import promise
@@ -58,6 +64,12 @@ class DeadLetterConsumer(CeleryConsumer):
         # The result backend's Redis client: its pool, TLS settings and timeouts (celery.backends.redis).
         return DeadLetterStore(self.app.backend.client)
 
+    def update_strategies(self) -> None:
+        """Celery's strategies and tracers (``Consumer.update_strategies``), each tracer guarded (_guarded)."""
+        super().update_strategies()
+        for task in self.app.tasks.values():
+            task.__trace__ = _guarded(task, task.__trace__)
+
     def create_task_handler(self, promise: Any = promise) -> Callable[[Message], Any]:
         """Wrap Celery's handler (``Consumer.create_task_handler``), which both event loops install as on_message."""
         on_task_received = super().create_task_handler(promise)
@@ -68,9 +80,48 @@ class DeadLetterConsumer(CeleryConsumer):
                 return self.dead_letter(message, *problem)
             if self._over_delivered(message):
                 return None
-            return on_task_received(message)
+            try:
+                return on_task_received(message)
+            except self.connection_errors:
+                raise  # the broker connection broke: Celery's consumer reconnects (Consumer.start)
+            except Exception as exc:  # noqa: BLE001 - whatever Celery raised for this one message
+                return self._on_unusable(message, exc)
 
         return on_message
+
+    def _on_unusable(self, message: Message, exc: Exception) -> None:
+        """Dead-letter a message that Celery raised on while turning it into a request or handing it over.
+
+        ``on_task_received`` handles the errors it expects (InvalidTaskError, ContentDisallowed,
+        DecodeError); anything else -- an empty ``expires`` that ``Request.__init__`` takes for a date, a
+        stamp in ``stamped_headers`` that ``Request.revoked`` cannot look up, whatever the strategy
+        (``celery.worker.strategy.default``) trips on -- escapes to the event loop and stops the worker, and
+        the message, left unacked, stops the next one too.
+        """
+        request = _reserved_request(message)
+        if request is not None and request._apply_result is not None:
+            # In the pool already (Request.execute_using_pool returned): the pool acks or fails it.
+            logger.exception("%s[%s] was handed to the pool, but Celery raised after that", request.name, request.id)
+            return
+        if request is not None:
+            self._forget(request)
+        error = f"Celery could not take the message: {type(exc).__name__}: {exc}"
+        # Settled by Celery before it raised (Request.revoked acks a revoked task); Request.acknowledge may
+        # have left the ack to the next loop iteration (Consumer.call_soon_ack), so the message can't tell yet.
+        if message.acknowledged or (request is not None and request.acknowledged):
+            logger.error("%s; it was already acknowledged", error)
+            return
+        self.dead_letter(message, Reason.INVALID, error, traceback=traceback.format_exc())
+
+    def _forget(self, request: Request) -> None:
+        """Undo what the strategy did for a request that never reached the pool."""
+        state.task_ready(request)  # task_reserved() put it in the worker's reserved set (celery.worker.state)
+        controller = self.controller
+        if (controller is not None and controller.semaphore is not None
+                and getattr(self.on_task_request, "__func__", None) is WorkController._process_task_sem):
+            # WorkController._process_task_sem took a pool slot and _process_task raised before the pool
+            # had the job; only a finished job gives the slot back (prefork: the pool's on-ready callback).
+            controller.semaphore.release()
 
     def _over_delivered(self, message: Message) -> bool:
         headers = message.headers
@@ -114,9 +165,10 @@ class DeadLetterConsumer(CeleryConsumer):
     # -- dead-lettering ------------------------------------------------------------------------------------------
 
     def dead_letter(self, message: Message, reason: str, error: str, *, deliveries: int = 1,
-                    failure: Exception | None = None) -> None:
+                    failure: Exception | None = None, traceback: str | None = None) -> None:
         """Store the message with ``reason``, log it once, ack it, and fail its task's result with the reason."""
-        entry = DeadLetter(reason=reason, error=error, deliveries=deliveries, **task_fields(message))
+        entry = DeadLetter(reason=reason, error=error, deliveries=deliveries, traceback=traceback,
+                           **task_fields(message))
         if not entry.replayable:
             entry = replace(entry, raw=truncate_raw(message.body))
         label = f"{entry.task or 'message'}[{entry.task_id or '?'}] from queue {entry.queue!r}"
@@ -179,3 +231,28 @@ class Consumer(DeadLetterConsumer):
         self._flush_events()  # what the timer has not sent yet: the last jobs' events
         super().shutdown()
 
+
+def _guarded(task: Task, tracer: Callable[..., Any]) -> Callable[..., Any]:
+    """``tracer``, with an exception it raises outside the task body turned into the task's failure.
+
+    The tracer (``celery.app.trace.build_tracer``) stores a failure for an error outside the body, but
+    storing it can raise again: ``mark_as_failure`` reads the message's ``chain`` and ``errbacks``. Out of
+    the tracer, prefork's child reports it to the pool, which fails the task; the threads and gevent pools
+    run it through ``celery.concurrency.base.apply_target``, which re-raises without calling back, so the
+    message was never acked. This returns the failure as ``celery.app.trace.trace_task`` does for its
+    internal errors: ``Request.on_success`` then acks it once as a failure (``on_failure``).
+    """
+    def trace(uuid: str, args: Any, kwargs: Any, request: Any = None) -> Any:
+        try:
+            return tracer(uuid, args, kwargs, request)
+        except Reject:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the tracer already caught everything from the body
+            return trace_ok_t(report_internal_error(task, exc), TraceInfo(FAILURE, exc), 0.0, None)
+
+    return trace
+
+
+def _reserved_request(message: Message) -> Request | None:
+    """The request the strategy built for ``message`` and reserved (``celery.worker.state.task_reserved``)."""
+    return next((request for request in list(state.reserved_requests) if request.message is message), None)
