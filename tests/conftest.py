@@ -10,7 +10,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import redis
 import requests
 from celery import Celery
+from waiting import wait_for_log
 
 from loopline.bench.procs import Child, start_target, start_worker
 
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from ledger import Ledger
 from loopline.embedded_redis import EmbeddedRedis
 
-WORKER_READY_TIMEOUT_S = 60.0
 _session: dict[str, object] = {}
 
 
@@ -110,15 +109,6 @@ def queue() -> str:
     return f"test.{uuid.uuid4().hex[:10]}"
 
 
-def wait_for_log(child: Child, needle: str, timeout_s: float = WORKER_READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if needle in child.log_text():
-            return
-        if not child.alive():
-            break
-        time.sleep(0.1)
-    raise AssertionError(f"{child.name} never logged {needle!r}:\n{child.log_text()[-4000:]}")
 
 
 @pytest.fixture
@@ -139,7 +129,7 @@ def worker(tmp_path: Path, queue: str) -> Iterator[Callable[..., Child]]:
         child.stop(grace_s=20)
 
 
-# -- the fault suite (tests/test_faults.py, tests/test_deadletter_poison.py) ---------------------------------
+# -- the fault suite (tests/faults/test_faults.py, tests/faults/test_deadletter_poison.py) -----------------
 # Each of those modules defines ``broker_url``: a Redis of its own that its faults may restart or cut.
 
 @pytest.fixture

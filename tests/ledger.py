@@ -14,17 +14,18 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 from celery import Celery, Task
+from waiting import wait_until
 
 from config.celery_app import app
 from loopline.bench.procs import Child, start_worker
 
-__all__ = ["Counts", "Fleet", "Ledger", "fault_env", "job", "producer_app", "wait_for"]
+__all__ = ["Counts", "Fleet", "Ledger", "fault_env", "job", "producer_app"]
 
 # A job whose done-record was written this long before a fault may still have been waiting for its ack.
 ACK_WINDOW_S = 2.0
@@ -174,7 +175,7 @@ class Ledger:
             finished = set(self.done())
             return len(finished) >= done and len(set(self.started()) - finished) >= running
 
-        wait_for(ready, timeout_s, f"{done} jobs done and {running} running")
+        wait_until(ready, timeout_s, f"{done} jobs done and {running} running")
 
     def settle(self, broker: redis.Redis, queue: str, timeout_s: float) -> None:
         """Wait until every job is done and the broker holds nothing that could run one again."""
@@ -217,7 +218,7 @@ class Fleet:
         child = start_worker(pool, concurrency, queues=[queue], log_path=log_path, env={**self.env, **env})
         self.children.append(child)
         if wait:
-            wait_for(lambda: " ready." in child.log_text() or not child.alive(), READY_TIMEOUT_S)
+            wait_until(lambda: " ready." in child.log_text() or not child.alive(), READY_TIMEOUT_S)
             assert " ready." in child.log_text(), f"{child.name} exited at start-up:\n{child.log_text()[-3000:]}"
         return child
 
@@ -226,12 +227,6 @@ class Fleet:
             child.stop(grace_s=20)
 
 
-def wait_for(condition: Callable[[], object], timeout_s: float, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout_s} s")
-        time.sleep(0.05)
 
 
 def fault_env(broker_url: str, ledger_url: str, **extra: str) -> dict[str, str]:

@@ -1,4 +1,7 @@
-"""The one way tests wait: for a condition, or for a line in a child's log; AssertionError with context."""
+"""The one way tests wait: until a condition holds, or until a child logs a line; AssertionError with context.
+
+Waits have generous timeouts and no test asserts how long one took: a timeout here means "never happened".
+"""
 
 from __future__ import annotations
 
@@ -14,25 +17,27 @@ WORKER_READY_TIMEOUT_S = 60.0
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], timeout_s: float, what: str, *, interval_s: float = 0.05) -> T:
-    """Poll ``condition`` until it returns something truthy; AssertionError naming ``what`` after ``timeout_s``."""
+def wait_until(condition: Callable[[], T], timeout_s: float, what: str, *, child: Child | None = None,
+               interval_s: float = 0.05) -> T:
+    """Poll ``condition`` until it returns something truthy, and return that.
+
+    AssertionError naming ``what`` after ``timeout_s``, or at once if ``child`` exited while the condition was
+    still false (with the tail of its log).
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         value = condition()
         if value:
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        gone = child is not None and not child.alive()
+        if gone or time.monotonic() > deadline:
+            reason = f"{child.name} exited" if gone and child is not None else f"timed out after {timeout_s:g} s"
+            tail = f":\n{child.log_text()[-4000:]}" if child is not None else ""
+            raise AssertionError(f"{reason} waiting for {what}{tail}")
         time.sleep(interval_s)
 
 
-def wait_for_log(child: Child, needle: str, timeout_s: float = WORKER_READY_TIMEOUT_S) -> None:
-    """Wait until ``child`` logged ``needle``; fail early, with the log's tail, if it exits."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if needle in child.log_text():
-            return
-        if not child.alive():
-            break
-        time.sleep(0.1)
-    raise AssertionError(f"{child.name} never logged {needle!r}:\n{child.log_text()[-4000:]}")
+def wait_for_log(child: Child, needle: str, timeout_s: float = WORKER_READY_TIMEOUT_S) -> str:
+    """Wait until ``child`` logged ``needle``; returns its log. Fails early, with the log's tail, if it exits."""
+    return wait_until(lambda: (log := child.log_text()) and needle in log and log, timeout_s,
+                      f"{child.name} to log {needle!r}", child=child, interval_s=0.1)

@@ -20,7 +20,7 @@ from loopline.bench.procs import Child, start_bench, start_dashboard
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHARTS = ("throughput", "latency", "cpu", "memory", "timeline")
 BENCH_TIMEOUT_S = 90.0
 UI_TIMEOUT_MS = 30_000

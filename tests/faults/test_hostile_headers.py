@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 import pytest
 import redis
-from loopline.bench.procs import Child
 from celery import states
-from loopline.deadletter.deliveries import count_key
-from loopline.deadletter.store import DeadLetterStore
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from test_bad_messages import POOLS, envelope, task_message, unacked
 
 from config.celery_app import app
+from loopline.bench.procs import Child
+from loopline.deadletter.deliveries import count_key
+from loopline.deadletter.store import DeadLetterStore
 from tasks import io_sleep
 
 # Every field of a protocol 2 message as Celery sends it (celery.app.amqp.AMQP.as_task_v2), with the JSON

@@ -30,9 +30,9 @@ from jsonschema import Draft7Validator
 from loopline.cli import build_parser
 from loopline.worker.launcher import POOLS, worker_command, worker_env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-SCHEMA_FILE = Path(__file__).resolve().parent / "data" / "compose-spec.json"
+SCHEMA_FILE = ROOT / "tests" / "data" / "compose-spec.json"
 
 IMAGE = "loopline:latest"
 REDIS = "redis"

@@ -19,9 +19,9 @@ from billiard.einfo import ExceptionInfo
 
 from config.celery_app import app
 from loopline.bench.procs import Child
+from loopline.concurrency.asyncio import TaskPool
 from loopline.deadletter.store import DeadLetter, DeadLettered, DeadLetterStore, Reason
 from tasks import io_sleep
-from loopline.concurrency.asyncio import TaskPool
 
 POOLS = ["prefork", "threads", "gevent", "asyncio"]
 

@@ -19,7 +19,8 @@ import psutil
 import pytest
 import redis
 from celery import Celery
-from ledger import Fleet, Ledger, fault_env, wait_for
+from ledger import Fleet, Ledger, fault_env
+from waiting import wait_until
 
 from loopline.embedded_redis import EmbeddedRedis
 
@@ -209,7 +210,7 @@ def test_sigkill_of_a_prefork_child_redelivers_its_job(
     worker = fleet.start("prefork", 2, queue, **SLOW_LIMITS)
     ledger.enqueue(producer, queue, 6, 1.0)
     # Both children busy with a 1 s job: whichever is killed was running one.
-    wait_for(lambda: len(ledger.started()) >= 2, 30, "two jobs started")
+    wait_until(lambda: len(ledger.started()) >= 2, 30, "two jobs started")
     ledger.mark_fault()
     victim = psutil.Process(worker.pid).children()[0]
     victim.kill()

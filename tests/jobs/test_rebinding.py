@@ -41,7 +41,7 @@ pytestmark = pytest.mark.timeout(90)
 
 ALLOWED, FORBIDDEN, OTHER_ALLOWED = "127.0.0.1", "127.0.0.2", "127.0.0.3"
 REBINDS = [[ALLOWED], [FORBIDDEN]]
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 
 

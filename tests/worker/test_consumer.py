@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import redis
+from waiting import wait_until
 
 from loopline.bench.procs import Child
 from tasks import io_sleep
@@ -68,12 +69,6 @@ def tap(redis_url: str) -> Iterator[EventTap]:
     client.close()
 
 
-def _wait(condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.mark.timeout(90)
@@ -86,7 +81,7 @@ def test_task_events_arrive_complete_in_far_fewer_messages(
     for result in results:
         result.get(timeout=RESULT_TIMEOUT_S)
 
-    _wait(lambda: ids <= tap.seen("task-succeeded"), "every task-succeeded event")
+    wait_until(lambda: ids <= tap.seen("task-succeeded"), 20, "every task-succeeded event")
     assert ids <= tap.seen("task-received") and ids <= tap.seen("task-started")
     # Celery's own flush-on-next-iteration sends about one message per event or two: 100 or more here.
     assert tap.worker_messages_about(ids) < 30
@@ -103,4 +98,4 @@ def test_events_still_buffered_at_shutdown_are_sent(worker: Callable[..., Child]
     assert not tap.seen("task-succeeded") & {result.id for result in results}
 
     assert child.stop(grace_s=30, signum=signal.SIGTERM) == 0, child.log_text()[-3000:]
-    _wait(lambda: {result.id for result in results} <= tap.seen("task-succeeded"), "the buffered events")
+    wait_until(lambda: {result.id for result in results} <= tap.seen("task-succeeded"), 20, "the buffered events")

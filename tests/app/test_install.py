@@ -105,7 +105,7 @@ def test_a_gevent_worker_sleeps_cooperatively_between_result_retries(worker: Cal
 
     from async_tasks import retry_sleep_is_cooperative
 
-    tests_dir = os.path.dirname(__file__)
+    tests_dir = os.path.dirname(os.path.dirname(__file__))
     worker("gevent", 2, env={"CELERY_WORKER_INCLUDE": "async_tasks",
                              "PYTHONPATH": os.pathsep.join((tests_dir, os.path.dirname(tests_dir)))})
     assert retry_sleep_is_cooperative.apply_async(queue=queue).get(timeout=60) is True

@@ -5,12 +5,12 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+from waiting import wait_until
 
 from loopline.bench.procs import Child, spawn
 from tasks import io_sleep
@@ -25,13 +25,6 @@ def _children(sup: Child) -> list[psutil.Process]:
         return []
 
 
-def _wait_for(predicate: object, what: str, sup: Child, timeout_s: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}:\n{sup.log_text()[-4000:]}")
 
 
 @pytest.fixture
@@ -56,7 +49,8 @@ def supervisor(tmp_path: Path, queue: str) -> Iterator[Child]:
 
 @pytest.mark.timeout(150)
 def test_processes_run_restart_and_stop_together(supervisor: Child, queue: str) -> None:
-    _wait_for(lambda: supervisor.log_text().count(" ready.") >= 2, "two workers ready", supervisor)
+    wait_until(lambda: supervisor.log_text().count(" ready.") >= 2, READY_TIMEOUT_S, "two workers ready",
+               child=supervisor)
     first = {p.pid for p in _children(supervisor)}
     assert len(first) == 2
 
@@ -65,8 +59,10 @@ def test_processes_run_restart_and_stop_together(supervisor: Child, queue: str) 
 
     victim = sorted(first)[0]
     psutil.Process(victim).kill()
-    _wait_for(lambda: len({p.pid for p in _children(supervisor)} - first) == 1, "a replacement child", supervisor)
-    _wait_for(lambda: supervisor.log_text().count(" ready.") >= 3, "the replacement ready", supervisor)
+    wait_until(lambda: len({p.pid for p in _children(supervisor)} - first) == 1, READY_TIMEOUT_S,
+               "a replacement child", child=supervisor)
+    wait_until(lambda: supervisor.log_text().count(" ready.") >= 3, READY_TIMEOUT_S, "the replacement ready",
+               child=supervisor)
     assert "restarting in" in supervisor.log_text()
     assert io_sleep.apply_async((5,), queue=queue).get(timeout=60)["slept_ms"] == 5
 

@@ -1,4 +1,4 @@
-"""URL-guard properties that tests/test_urlguard.py checks only by example: userinfo tricks, trailing dots,
+"""URL-guard properties that tests/jobs/test_urlguard.py checks only by example: userinfo tricks, trailing dots,
 IPv6 spellings of guarded ranges, names that resolve to a guarded address, and redirects to one.
 
 Pure checks use injected resolvers; the redirect property goes through the real fetch loop, but only to

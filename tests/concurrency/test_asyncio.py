@@ -12,7 +12,6 @@ import re
 import signal
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import async_tasks
 import pytest
 import redis
 from celery.exceptions import TimeLimitExceeded
+from waiting import wait_for_log, wait_until
 
 from config.celery_app import app
 from loopline.bench.procs import Child, spawn
@@ -29,7 +29,7 @@ from loopline.concurrency.asyncio import TaskPool
 from loopline.worker.launcher import ASYNCIO_POOL
 from tasks import fetch_url, io_sleep
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 INCLUDE_ENV = {
     # tests/ for async_tasks; the repository root so that a worker started from elsewhere finds the project.
     "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), str(TESTS_DIR.parent), os.environ.get("PYTHONPATH", ""))
@@ -42,29 +42,14 @@ GATE_RESULT_TIMEOUT_S = async_tasks.GATE_TIMEOUT_S + RESULT_TIMEOUT_S
 READY_TIMEOUT_S = 60
 
 
-def _wait_for_log(child: Child, needle: str, timeout_s: float = READY_TIMEOUT_S) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        log = child.log_text()
-        if needle in log:
-            return log
-        if not child.alive():
-            break
-        time.sleep(0.1)
-    raise AssertionError(f"{child.name} never logged {needle!r}:\n{child.log_text()[-4000:]}")
 
 
 def _node(child: Child) -> str:
-    match = re.search(r"(\S+@\S+) ready\.", _wait_for_log(child, " ready."))
+    match = re.search(r"(\S+@\S+) ready\.", wait_for_log(child, " ready."))
     assert match is not None
     return match.group(1)
 
 
-def _wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"never {what} within {timeout_s} s"
-        time.sleep(0.05)
 
 
 def _runs(key: str) -> int:
@@ -96,7 +81,7 @@ def stock_worker(tmp_path: Path, queue: str) -> Iterator[Callable[[int], Child]]
         env = {"PYTHONPATH": INCLUDE_ENV["PYTHONPATH"], "CELERY_CUSTOM_WORKER_POOL": ASYNCIO_POOL}
         child = spawn("stock celery worker", argv, tmp_path / f"stock-{len(started)}.log", env)
         started.append(child)
-        _wait_for_log(child, " ready.")
+        wait_for_log(child, " ready.")
         return child
 
     yield start
@@ -133,7 +118,7 @@ def test_sync_tasks_run_on_threads_and_leave_the_loop_free(
     key = _key()
     # Four sync jobs block in their threads at a gate for five: it opens only when the test arrives too.
     blocked = [async_tasks.sync_gather.apply_async((key, 5), queue=queue) for _ in range(4)]
-    _wait_until(lambda: _runs(key) == 4, "all 4 sync jobs in flight at once", timeout_s=RESULT_TIMEOUT_S)
+    wait_until(lambda: _runs(key) == 4, RESULT_TIMEOUT_S, "all 4 sync jobs in flight at once")
     sleeps = [io_sleep.apply_async((100,), queue=queue) for _ in range(50)]
     assert all(r.get(timeout=RESULT_TIMEOUT_S)["slept_ms"] == 100 for r in sleeps)
     assert not any(r.ready() for r in blocked)  # the loop ran all 50 while every sync job still held its thread
@@ -194,9 +179,9 @@ def test_revoke_terminate_cancels_a_running_coroutine(worker: Callable[..., Chil
     _async("asyncio", 4, worker)
     key = _key()
     result = async_tasks.marked_sleep.apply_async((30, key), queue=queue)
-    _wait_until(lambda: _runs(key) == 1, "started")
+    wait_until(lambda: _runs(key) == 1, 15, "started")
     app.control.revoke(result.id, terminate=True)
-    _wait_until(lambda: result.state == "REVOKED", "revoked", timeout_s=5)
+    wait_until(lambda: result.state == "REVOKED", 5, "revoked")
     assert async_tasks.marked_sleep.apply_async((0.01,), queue=queue).get(timeout=RESULT_TIMEOUT_S)
     assert result.state == "REVOKED"  # the cancelled tracer did not overwrite it
 
@@ -206,9 +191,9 @@ def test_task_revoked_while_waiting_for_a_slot_never_runs(worker: Callable[..., 
     child = _async("asyncio", 1, worker, CELERY_WORKER_PREFETCH_MULTIPLIER="2")
     first_key, second_key = _key(), _key()
     first = async_tasks.marked_sleep.apply_async((2, first_key), queue=queue)
-    _wait_until(lambda: _runs(first_key) == 1, "started")
+    wait_until(lambda: _runs(first_key) == 1, 15, "started")
     second = async_tasks.marked_sleep.apply_async((0.01, second_key), queue=queue)
-    _wait_for_log(child, f"[{second.id}] received", timeout_s=5)  # handed to the pool, waiting for the slot
+    wait_for_log(child, f"[{second.id}] received", timeout_s=5)  # handed to the pool, waiting for the slot
     app.control.revoke(second.id)
     assert first.get(timeout=RESULT_TIMEOUT_S)
     assert async_tasks.marked_sleep.apply_async((0.01,), queue=queue).get(timeout=RESULT_TIMEOUT_S)
@@ -223,17 +208,17 @@ def test_revoke_terminate_of_a_job_waiting_for_a_slot_settles_it_at_once(
     node = _node(child)
     first_key, second_key = _key(), _key()
     first = async_tasks.marked_sleep.apply_async((60, first_key), queue=queue)
-    _wait_until(lambda: _runs(first_key) == 1, "started")
+    wait_until(lambda: _runs(first_key) == 1, 15, "started")
     second = async_tasks.marked_sleep.apply_async((0.01, second_key), queue=queue)
-    _wait_for_log(child, f"[{second.id}] received", timeout_s=5)  # handed to the pool, waiting for the slot
+    wait_for_log(child, f"[{second.id}] received", timeout_s=5)  # handed to the pool, waiting for the slot
     app.control.revoke(second.id, terminate=True)
     # While the only slot is still busy: REVOKED, acked, and no longer reserved by the worker.
-    _wait_until(lambda: second.state == "REVOKED", "revoked while the slot is busy", timeout_s=10)
+    wait_until(lambda: second.state == "REVOKED", 10, "revoked while the slot is busy")
     reserved = (app.control.inspect(destination=[node], timeout=5).reserved() or {}).get(node, [])
     assert second.id not in {task["id"] for task in reserved}
     assert _runs(first_key) == 1 and not first.ready()
     app.control.revoke(first.id, terminate=True)
-    _wait_until(lambda: first.state == "REVOKED", "the running job revoked", timeout_s=10)
+    wait_until(lambda: first.state == "REVOKED", 10, "the running job revoked")
     assert async_tasks.marked_sleep.apply_async((0.01,), queue=queue).get(timeout=RESULT_TIMEOUT_S)
     assert (_runs(first_key), _runs(second_key)) == (1, 0)
     assert "Traceback" not in child.log_text()
@@ -245,7 +230,7 @@ def test_sigterm_lets_running_tasks_finish(worker: Callable[..., Child], queue: 
     child = worker("asyncio", 10)
     node = _node(child)
     results = [io_sleep.apply_async((1500,), queue=queue) for _ in range(5)]
-    _wait_until(lambda: len(_active(node)) == 5, "5 running")
+    wait_until(lambda: len(_active(node)) == 5, 15, "5 running")
     assert child.stop(grace_s=30, signum=signal.SIGTERM) == 0
     assert [r.state for r in results] == ["SUCCESS"] * 5
     log = child.log_text()
@@ -258,7 +243,7 @@ def test_shutdown_grace_cancels_the_rest_and_they_are_redelivered(worker: Callab
     first = _async("asyncio", 10, worker, LOOPLINE_ASYNCIO_SHUTDOWN_GRACE_S="1")
     keys = [_key() for _ in range(3)]
     results = [async_tasks.marked_sleep.apply_async((10, key), queue=queue) for key in keys]
-    _wait_until(lambda: [_runs(key) for key in keys] == [1, 1, 1], "all 3 started")
+    wait_until(lambda: [_runs(key) for key in keys] == [1, 1, 1], 15, "all 3 started")
     assert first.stop(grace_s=30, signum=signal.SIGTERM) == 0
     assert "cancelling 3 unfinished tasks" in first.log_text()
     assert not any(r.ready() for r in results)  # cancelled after the 1 s grace, before the 10 s sleeps ended
@@ -276,8 +261,8 @@ def test_a_job_waiting_for_a_slot_goes_back_at_a_warm_shutdown_instead_of_runnin
     first = _async("asyncio", 1, worker)  # one slot and, with two messages per slot, one job waiting for it
     keys = [_key() for _ in range(3)]
     results = [async_tasks.marked_sleep.apply_async((1.5, key), queue=queue) for key in keys]
-    _wait_until(lambda: _runs(keys[0]) == 1, "the first job started")
-    _wait_for_log(first, results[1].id)  # received: it waits for the slot
+    wait_until(lambda: _runs(keys[0]) == 1, 15, "the first job started")
+    wait_for_log(first, results[1].id)  # received: it waits for the slot
     assert first.stop(grace_s=30, signum=signal.SIGTERM) == 0, first.log_text()[-3000:]
     assert results[0].ready() and [_runs(key) for key in keys] == [1, 0, 0]
     assert "1 jobs that had not started go back to the queue" in first.log_text()
@@ -296,7 +281,7 @@ def test_sigquit_is_a_cold_shutdown_that_cancels_at_once_and_the_jobs_are_redeli
     first = _async("asyncio", 2, worker, LOOPLINE_ASYNCIO_SHUTDOWN_GRACE_S="600")
     keys = [_key() for _ in range(2)]
     results = [async_tasks.marked_sleep.apply_async((15, key), queue=queue) for key in keys]
-    _wait_until(lambda: [_runs(key) for key in keys] == [1, 1], "both started")
+    wait_until(lambda: [_runs(key) for key in keys] == [1, 1], 15, "both started")
     code = first.stop(grace_s=30, signum=signal.SIGQUIT)
     log = first.log_text()
     assert code in (0, 1), log[-3000:]  # it exited by itself (Celery's cold shutdown), not killed by stop()
@@ -314,9 +299,9 @@ def test_sigquit_during_a_warm_shutdowns_grace_cancels_at_once(worker: Callable[
     first = _async("asyncio", 2, worker, LOOPLINE_ASYNCIO_SHUTDOWN_GRACE_S="600")
     keys = [_key() for _ in range(2)]
     results = [async_tasks.marked_sleep.apply_async((20, key), queue=queue) for key in keys]
-    _wait_until(lambda: [_runs(key) for key in keys] == [1, 1], "both started")
+    wait_until(lambda: [_runs(key) for key in keys] == [1, 1], 15, "both started")
     os.kill(first.pid, signal.SIGTERM)
-    _wait_for_log(first, "waiting up to 600 s for 2 running tasks", timeout_s=15)
+    wait_for_log(first, "waiting up to 600 s for 2 running tasks", timeout_s=15)
     code = first.stop(grace_s=30, signum=signal.SIGQUIT)  # the warm shutdown would wait for the 20 s sleeps
     log = first.log_text()
     assert code in (0, 1), log[-3000:]
@@ -340,7 +325,7 @@ def test_inspect_shows_pool_stats_and_active_coroutines(worker: Callable[..., Ch
     node = _node(_async("asyncio", 7, worker))
     key = _key()
     result = async_tasks.marked_sleep.apply_async((3, key), queue=queue)
-    _wait_until(lambda: _runs(key) == 1, "started")
+    wait_until(lambda: _runs(key) == 1, 15, "started")
     pool = _stats(node)
     assert pool["implementation"] == ASYNCIO_POOL
     assert pool["max-concurrency"] == 7
@@ -355,7 +340,7 @@ def test_a_blocking_step_is_logged_with_the_task_name(worker: Callable[..., Chil
     child = _async("asyncio", 4, worker)
     result = async_tasks.blocker.apply_async(queue=queue)
     assert result.get(timeout=RESULT_TIMEOUT_S) == "blocked"
-    _wait_for_log(child, f"async_tasks.blocker[{result.id}] blocked the event loop for", timeout_s=5)
+    wait_for_log(child, f"async_tasks.blocker[{result.id}] blocked the event loop for", timeout_s=5)
 
 
 def test_pool_grow_and_shrink_change_the_slots(worker: Callable[..., Child], queue: str) -> None:
@@ -397,8 +382,8 @@ def test_a_celery_callback_that_raises_is_logged_with_the_task(caplog: pytest.Lo
         with caplog.at_level(logging.ERROR, logger="loopline.concurrency.asyncio"):
             pool.on_apply(lambda *args: 42, args=("async_tasks.marked_sleep", "job-1"), callback=on_success)
             assert called.wait(10)
-            _wait_until(lambda: any("finished, but Celery's on_success failed" in r.getMessage()
-                                    for r in caplog.records), "the failure logged", timeout_s=5)
+            wait_until(lambda: any("finished, but Celery's on_success failed" in r.getMessage()
+                                    for r in caplog.records), 5, "the failure logged")
     finally:
         pool.on_stop()
     record = next(r for r in caplog.records if "on_success failed" in r.getMessage())
@@ -476,7 +461,7 @@ def test_events_for_async_tasks_are_what_flower_shows(worker: Callable[..., Chil
         retried.get(timeout=RESULT_TIMEOUT_S)
         with pytest.raises(ValueError):
             failed.get(timeout=RESULT_TIMEOUT_S)
-        _wait_until(lambda: any(t["id"] == revoked.id for t in _active(node)), "the long task running")
+        wait_until(lambda: any(t["id"] == revoked.id for t in _active(node)), 15, "the long task running")
         app.control.revoke(revoked.id, terminate=True)
 
         def complete() -> bool:
@@ -488,7 +473,7 @@ def test_events_for_async_tasks_are_what_flower_shows(worker: Callable[..., Chil
             )
 
         try:
-            _wait_until(complete, "all event types seen", timeout_s=30)
+            wait_until(complete, 30, "all event types seen")
         finally:
             receiver.should_stop = True
             thread.join(10)
