@@ -218,7 +218,8 @@ class Fleet:
         child = start_worker(pool, concurrency, queues=[queue], log_path=log_path, env={**self.env, **env})
         self.children.append(child)
         if wait:
-            wait_until(lambda: " ready." in child.log_text() or not child.alive(), READY_TIMEOUT_S, f"{child.name} ready")
+            wait_until(lambda: " ready." in child.log_text() or not child.alive(), READY_TIMEOUT_S,
+                       f"{child.name} ready")
             assert " ready." in child.log_text(), f"{child.name} exited at start-up:\n{child.log_text()[-3000:]}"
         return child
 
