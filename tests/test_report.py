@@ -72,8 +72,8 @@ def test_baseline_rows_and_ratio_columns_and_a_failure_in_the_caption() -> None:
     async_ours = row("asyncio", 900.0) | {"vs_stock": None}
     document = doc([ours, async_ours])
     stock_gevent = row("gevent", 120.0) | {"worker_cpu_ms_per_job": 8.4, "error": None, "failed_repeats": 0}
-    stock_asyncio = row("asyncio", 50.0) | {"error": "asyncio: 250 of 300 jobs never finished (no job finished for 60 s)",
-                                            "failed_repeats": 1}
+    why = "asyncio: 250 of 300 jobs never finished (no job finished for 60 s)"
+    stock_asyncio = row("asyncio", 50.0) | {"error": why, "failed_repeats": 1}
     document["baseline"] = {"system": "stock", "results": [], "summary": [stock_gevent, stock_asyncio]}
     out = text_of(document)
     for column in BASELINE_COLUMNS:
