@@ -94,9 +94,21 @@ def _clean(client: redis.Redis, queue: str) -> Iterator[None]:
 ])
 def test_bulk_messages_match_apply_async_but_for_their_ids(client: redis.Redis, queue: str, task: Any,
                                                            args: tuple[Any, ...], kwargs: dict[str, Any],
-                                                           options: dict[str, Any]) -> None:
+                                                           options: dict[str, Any],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from loopline.app.message_template import MessageTemplate
+
+    built: list[str] = []
+    real_publish = MessageTemplate.publish
+
+    def publish(self: MessageTemplate, producer: Any, task_id: str, *rest: Any) -> None:
+        built.append(task_id)
+        real_publish(self, producer, task_id, *rest)
+
+    monkeypatch.setattr(MessageTemplate, "publish", publish)
     single = task.apply_async(args, kwargs, queue=queue, **options)
     bulk = send_many(task, [(args, kwargs)] * 3, queue=queue, **options)
+    assert built == [r.id for r in bulk[1:]]  # built from the first job's message, not by apply_async
     messages = queued(client, queue)
     assert len(messages) == 4
     assert messages[0]["headers"]["id"] == single.id and [m["headers"]["id"] for m in messages[1:]] == [
@@ -155,3 +167,62 @@ def test_every_bulk_result_channel_is_subscribed_before_the_jobs_go_out(client: 
 def test_a_bulk_send_refuses_one_task_id_for_all(queue: str) -> None:
     with pytest.raises(TypeError, match="task_id would name every job alike"):
         send_many(io_sleep, [((1,), {})] * 2, queue=queue, task_id="same")
+
+
+def count_apply_async(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from loopline.app.task import LooplineTask
+
+    calls: list[str] = []
+    real = LooplineTask.apply_async
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("task_id", "?"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LooplineTask, "apply_async", counted)
+    return calls
+
+
+def test_only_the_first_job_takes_apply_async_and_the_rest_are_built_from_it(
+        monkeypatch: pytest.MonkeyPatch, client: redis.Redis, queue: str) -> None:
+    from loopline.app.message_template import MessageTemplate
+
+    built: list[str] = []
+    real_publish = MessageTemplate.publish
+
+    def publish(self: MessageTemplate, producer: Any, task_id: str, *rest: Any) -> None:
+        built.append(task_id)
+        real_publish(self, producer, task_id, *rest)
+
+    monkeypatch.setattr(MessageTemplate, "publish", publish)
+    monkeypatch.setattr(MessageTemplate, "usable", lambda self, task, options: True)  # LooplineTask is patched
+    calls = count_apply_async(monkeypatch)
+    results = send_many(io_sleep, [((i,), {}) for i in range(5)], queue=queue)
+    assert calls == [results[0].id] and built == [r.id for r in results[1:]]
+    messages = queued(client, queue)
+    assert [m["body"][0] for m in messages] == [[i] for i in range(5)]
+    assert [m["headers"]["argsrepr"] for m in messages] == [repr((i,)) for i in range(5)]
+
+
+def test_a_publish_signal_makes_every_job_take_apply_async(monkeypatch: pytest.MonkeyPatch, queue: str) -> None:
+    from celery.signals import before_task_publish
+
+    seen: list[str] = []
+
+    def on_publish(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        seen.append((headers or {}).get("id", "?"))
+
+    before_task_publish.connect(on_publish, weak=False)
+    try:
+        calls = count_apply_async(monkeypatch)
+        results = send_many(io_sleep, [((i,), {}) for i in range(4)], queue=queue)
+    finally:
+        before_task_publish.disconnect(on_publish)
+    assert seen == [r.id for r in results] and len(calls) == 4
+
+
+def test_a_countdown_makes_every_job_take_apply_async(monkeypatch: pytest.MonkeyPatch, client: redis.Redis,
+                                                     queue: str) -> None:
+    calls = count_apply_async(monkeypatch)
+    send_many(io_sleep, [((1,), {})] * 3, queue=queue, countdown=30)
+    assert len(calls) == 3

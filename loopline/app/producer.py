@@ -24,6 +24,7 @@ from kombu import Queue
 from kombu.utils.url import maybe_sanitize_url
 from kombu.utils.uuid import uuid
 
+from loopline.app.message_template import MessageTemplate
 from loopline.errors import CONNECTION_FAILURES, RedisUnavailable
 
 __all__ = ["BATCH_MAX_COMMANDS", "EVENTS_PER_MESSAGE", "Call", "asend_many", "release_result_subscriptions",
@@ -49,13 +50,16 @@ class _SentEvents:
     def __init__(self, dispatcher: Any) -> None:
         self.dispatcher = dispatcher
         self.events: list[dict[str, Any]] = []
+        self.last: tuple[str, dict[str, Any]] | None = None
         self.retry: bool | None = None
         self.retry_policy: Any = None
 
     def publish(self, type: str, fields: dict[str, Any], producer: Any, retry: bool | None = None,
                 retry_policy: Any = None, **kwargs: Any) -> None:
         self.events.append(self.dispatcher._prepare_event(type, fields, **kwargs))
-        self.retry, self.retry_policy = retry, retry_policy
+        self.last = (type, fields)
+        if retry is not None:
+            self.retry, self.retry_policy = retry, retry_policy
 
     def flush(self, producer: Any) -> None:
         if self.events:
@@ -114,11 +118,7 @@ def send_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncRe
             subscribe = getattr(app.backend, "on_tasks_call", None)
             if subscribe is not None and not options.get("ignore_result", task.ignore_result):
                 subscribe(ids)
-            results = []
-            for (args, kwargs), task_id in zip(batch, ids, strict=True):
-                results.append(task.apply_async(args, kwargs, task_id=task_id, producer=producer, **options))
-                if len(events.events) >= EVENTS_PER_MESSAGE:
-                    events.flush(producer)
+            results = _send(task, producer, batch, ids, events, options)
             events.flush(producer)
             return results
     except CONNECTION_FAILURES as exc:
@@ -128,6 +128,39 @@ def send_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncRe
         raise RedisUnavailable(f"{task.name}: lost {url} while sending {len(batch)} jobs ({type(exc).__name__}: "
                                f"{exc}); jobs in chunks of {BATCH_MAX_COMMANDS} commands written before it may "
                                "be queued, the rest were not sent") from exc
+
+
+def _send(task: Task, producer: Any, batch: list[tuple[tuple[Any, ...], dict[str, Any]]], ids: list[str],
+          events: _SentEvents, options: dict[str, Any]) -> list[AsyncResult]:
+    """The first job through ``apply_async``; the others built from its message when that is exact."""
+    if not batch:
+        return []
+    template = MessageTemplate(task.app)
+    unwatch = template.watch(producer)
+    try:
+        results = [task.apply_async(*batch[0], task_id=ids[0], producer=producer, **options)]
+    finally:
+        unwatch()
+    template.event = events.last
+    if template.usable(task, options):
+        ignored = options.get("ignore_result", task.ignore_result)
+        # Without a bulk subscription (a backend other than loopline's), each job subscribes as Celery's does.
+        subscribe_each = None if hasattr(task.app.backend, "on_tasks_call") or ignored else task.app.backend
+        for (args, kwargs), task_id in zip(batch[1:], ids[1:], strict=True):
+            if subscribe_each is not None:
+                subscribe_each.on_task_call(producer, task_id)
+            template.publish(producer, task_id, args, kwargs, events)
+            result = task.AsyncResult(task_id)
+            result.ignored = ignored  # as Celery.send_task sets it
+            results.append(result)
+            if len(events.events) >= EVENTS_PER_MESSAGE:
+                events.flush(producer)
+        return results
+    for (args, kwargs), task_id in zip(batch[1:], ids[1:], strict=True):
+        results.append(task.apply_async(args, kwargs, task_id=task_id, producer=producer, **options))
+        if len(events.events) >= EVENTS_PER_MESSAGE:
+            events.flush(producer)
+    return results
 
 
 async def asend_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncResult]:

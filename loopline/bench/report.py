@@ -65,7 +65,7 @@ def _vs_stock(row: dict[str, Any]) -> list[str]:
 
 def render_table(doc: dict[str, Any]) -> Table:
     """One row per pool; with a baseline, the same pool on stock Celery right below it, and why it failed."""
-    baseline = doc.get("baseline")
+    baseline: dict[str, Any] = doc.get("baseline") or {}
     stock = {row["pool"]: row for row in baseline["summary"]} if baseline else {}
     failures = [f"{row['pool']} ({baseline['system']}) failed {row['failed_repeats']} of {row['repeats']}: "
                 f"{row['error']}" for row in stock.values() if row["error"]]

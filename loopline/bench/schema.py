@@ -16,7 +16,7 @@ _TIMELINE = {"type": "array", "items": {"type": "object", "required": ["t_s", "c
                                         "properties": {"t_s": _NUM, "completed": _INT}}}
 _ERRORS = {"type": "object", "additionalProperties": _INT}
 
-_RESULT = {
+_RESULT: dict[str, Any] = {
     "type": "object",
     "required": ["pool", "concurrency", "processes", "repeat", "jobs_ok", "jobs_failed", "errors", "retries", "wall_s",
                  "throughput_per_s", "little_limit_per_s", "pct_of_limit", "latency_ms", "worker_cpu_s",
@@ -39,7 +39,7 @@ _RESULT = {
     },
 }
 
-_SUMMARY = {
+_SUMMARY: dict[str, Any] = {
     "type": "object",
     "required": ["pool", "concurrency", "processes", "repeats", "jobs_ok", "jobs_failed", "errors", "throughput_per_s",
                  "throughput_min_per_s", "throughput_max_per_s", "little_limit_per_s", "pct_of_limit", "latency_ms",
@@ -57,11 +57,15 @@ _SUMMARY = {
 
 # ``--baseline stock``: the same pools on a plain Celery app. Its entries and rows have the fields above, plus
 # ``error`` (why that repeat, or the pool's first failed repeat, did not finish; None when it did).
-_BASELINE_RESULT = {**_RESULT, "required": [*_RESULT["required"], "error"],
-                    "properties": {**_RESULT["properties"], "error": {"type": ["string", "null"]}}}
-_BASELINE_SUMMARY = {**_SUMMARY, "required": [*_SUMMARY["required"], "error", "failed_repeats"],
-                     "properties": {**_SUMMARY["properties"], "error": {"type": ["string", "null"]},
-                                    "failed_repeats": _INT}}
+_BASELINE_RESULT: dict[str, Any] = {
+    **_RESULT, "required": [*_RESULT["required"], "error"],
+    "properties": {**_RESULT["properties"], "error": {"type": ["string", "null"]}},
+}
+_BASELINE_SUMMARY: dict[str, Any] = {
+    **_SUMMARY, "required": [*_SUMMARY["required"], "error", "failed_repeats"],
+    "properties": {**_SUMMARY["properties"], "error": {"type": ["string", "null"]},
+                   "failed_repeats": _INT},
+}
 _BASELINE = {
     "type": ["object", "null"],
     "required": ["system", "results", "summary"],
