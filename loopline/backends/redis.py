@@ -67,6 +67,13 @@ class RedisBackend(CeleryRedisBackend):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # One backend per process, not per thread: Celery keeps a backend per thread unless it is thread_safe
+        # (celery.app.base.Celery._backend), and under gevent a thread-local is a greenlet-local, so every task
+        # built a backend, a Redis client and its connection pool (a fifth of a gevent worker's CPU at -c 1000,
+        # celery #6819). Sharing is safe: the redis-py client takes a connection from its pool per command (sized
+        # to the slots, redis_max_connections), Celery's ResultConsumer does its pubsub work under its own lock,
+        # and the state kept here is set once (_store_script) or per event loop (_batches).
+        self.thread_safe = True
         self._store_script: Any = None
         self._batches: dict[asyncio.AbstractEventLoop, _LoopBatch] = {}
 
