@@ -179,8 +179,8 @@ def main() -> None:
             runs["taskiq"].append(run_taskiq(url, args.jobs, args.concurrency, log_dir))
             for name, results in runs.items():
                 r = results[-1]
-                print(f"repeat {repeat}: {name:<17} {r['jobs_per_s']:8.1f} jobs/s {r['cpu_ms_per_job']:6.2f} ms CPU/job",
-                      flush=True)
+                print(f"repeat {repeat}: {name:<17} {r['jobs_per_s']:8.1f} jobs/s "
+                      f"{r['cpu_ms_per_job']:6.2f} ms CPU/job", flush=True)
     finally:
         target.stop(5)
     print(f"\n{args.jobs} × fetch, {args.latency_ms:g} ms latency, c = {args.concurrency}, one worker process, "
