@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 import time
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 from urllib.parse import urljoin
 
 import requests
@@ -19,18 +22,50 @@ MAX_REDIRECTS = 10
 CHUNK_BYTES = 64 * 1024
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 _local = threading.local()
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+_idle: list[requests.Session] = []
+_idle_lock = threading.Lock()
 
 
 def _session() -> requests.Session:
-    # One session per thread (per greenlet under gevent) keeps connections alive between jobs;
-    # requests.Session is not documented as thread-safe, so it is never shared.
+    # The session lent to this job (see _leased), else one of this thread's own.
     session = getattr(_local, "session", None)
     if session is None:
-        session = _local.session = requests.Session()
-        session.trust_env = False
+        session = _local.session = _new_session()
     return session
 
 
+def _new_session() -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False
+    return session
+
+
+def _leased(body: Callable[P, R]) -> Callable[P, R]:
+    """Run each call of ``body`` with a session lent for the job: one job at a time per session, reused after.
+
+    requests.Session is not documented as thread-safe, so a session is never used by two jobs at once; but it
+    is not kept per thread either: the gevent pool runs every task in a new greenlet, where a thread-local
+    (greenlet-local once patched) was a new Session, connection pool and TCP connection per job.
+    """
+    @functools.wraps(body)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        with _idle_lock:
+            session = _idle.pop() if _idle else None
+        _local.session = session or _new_session()
+        try:
+            return body(*args, **kwargs)
+        finally:
+            lent, _local.session = _local.session, None
+            with _idle_lock:
+                _idle.append(lent)
+    return run
+
+
+@_leased
 def fetch(req: FetchRequest) -> FetchResult:
     """Fetch ``req.url``, following redirects itself so that every hop passes the URL guard."""
     started_at = now_s()
@@ -67,6 +102,7 @@ def fetch(req: FetchRequest) -> FetchResult:
     raise FetchFailed(f"{req.url}: more than {MAX_REDIRECTS} redirects")
 
 
+@_leased
 def post(req: WebhookRequest, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
     """POST one webhook attempt; returns (status, Retry-After header). No redirects."""
     _guard(req.url, req)
