@@ -129,7 +129,8 @@ def run_pool(
     """
     app = system.app()
     task = app.tasks[system.task_name(pool, workload.task)]
-    queue = f"bench.{system.name}.{pool}.{uuid.uuid4().hex[:8]}"
+    queue = f"bench.{pool}.{uuid.uuid4().hex[:8]}" if system is LOOPLINE else \
+        f"bench.{system.name}.{pool}.{uuid.uuid4().hex[:8]}"
     result = PoolResult(pool=pool, concurrency=concurrency, processes=processes, repeat=repeat, total=workload.jobs)
     enqueued: dict[str, float] = {}
     try:
