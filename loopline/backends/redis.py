@@ -24,17 +24,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from celery import states
 from celery.backends.base import BackendStoreError
 from celery.backends.redis import RedisBackend as CeleryRedisBackend
+from celery.result import task_join_will_block
 from kombu.utils.encoding import bytes_to_str
 from redis.exceptions import NoScriptError
 
 from loopline.concurrency.bridge import await_only, defer, on_loop
 
-__all__ = ["STORE_SCRIPT", "RedisBackend"]
+__all__ = ["STORE_SCRIPT", "SUBSCRIBE_CHUNK", "RedisBackend"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 """
 STORE_SHA = hashlib.sha1(STORE_SCRIPT.encode()).hexdigest()
+# Result channels per SUBSCRIBE command of a bulk send.
+SUBSCRIBE_CHUNK = 1000
 
 
 class RedisBackend(CeleryRedisBackend):
@@ -63,8 +67,38 @@ class RedisBackend(CeleryRedisBackend):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # One backend per process, not per thread: Celery keeps a backend per thread unless it is thread_safe
+        # (celery.app.base.Celery._backend), and under gevent a thread-local is a greenlet-local, so every task
+        # built a backend, a Redis client and its connection pool (a fifth of a gevent worker's CPU at -c 1000,
+        # celery #6819). Sharing is safe: the redis-py client takes a connection from its pool per command (sized
+        # to the slots, redis_max_connections), Celery's ResultConsumer does its pubsub work under its own lock,
+        # and the state kept here is set once (_store_script) or per event loop (_batches).
+        self.thread_safe = True
         self._store_script: Any = None
         self._batches: dict[asyncio.AbstractEventLoop, _LoopBatch] = {}
+
+    def on_tasks_call(self, task_ids: Sequence[str]) -> None:
+        """What :meth:`on_task_call` does for each id, as one SUBSCRIBE per chunk: for bulk producers.
+
+        Celery's ``RedisBackend.on_task_call`` subscribes to each task's result channel with a command of its
+        own (``ResultConsumer._consume_from``). Here the keys are marked subscribed, under the consumer's own
+        lock, and subscribed together; a later ``on_task_call`` for one of them then finds it subscribed and
+        sends nothing. Same condition as Celery's: nothing when joining would block (inside a task).
+        """
+        if task_join_will_block() or not task_ids:
+            return
+        consumer = self.result_consumer
+        keys = [consumer._get_key_for_task(task_id) for task_id in task_ids]
+        with consumer._locked():
+            if consumer._pubsub is None:
+                # ResultConsumer.start, without its first subscription
+                consumer._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            new = [key for key in keys if key not in consumer.subscribed_to]
+            consumer._pending_unsubscribe.difference_update(new)
+            consumer.subscribed_to.update(new)
+            with consumer.reconnect_on_error():
+                for lo in range(0, len(new), SUBSCRIBE_CHUNK):
+                    consumer._pubsub.subscribe(*new[lo:lo + SUBSCRIBE_CHUNK])
 
     def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None, request: Any = None,
                       **kwargs: Any) -> Any:

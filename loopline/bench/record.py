@@ -22,8 +22,8 @@ from typing import Any
 
 from loopline.bench.jobs import PoolResult, Workload
 
-__all__ = ["LIVE_WRITE_INTERVAL_S", "SCHEMA_ID", "RunFile", "machine_info", "new_run_id", "result_entry",
-           "summarize"]
+__all__ = ["LIVE_WRITE_INTERVAL_S", "SCHEMA_ID", "RunFile", "compare_to_baseline", "machine_info", "new_run_id",
+           "result_entry", "summarize"]
 
 SCHEMA_ID = "loopline.bench/1"
 LIVE_WRITE_INTERVAL_S = 0.5
@@ -115,6 +115,32 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def compare_to_baseline(summary: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> None:
+    """Set each row's ``vs_stock``: its jobs/s and its jobs per CPU second as multiples of the baseline's pool.
+
+    None where the baseline has no row for the pool, failed there, or measured nothing to divide by.
+    """
+    by_pool = {row["pool"]: row for row in baseline}
+    for row in summary:
+        base = by_pool.get(row["pool"])
+        usable = (base is not None and not base.get("error") and base["throughput_per_s"] > 0
+                  and base["worker_cpu_ms_per_job"] > 0 and row["worker_cpu_ms_per_job"] > 0)
+        row["vs_stock"] = None if base is None or not usable else {
+            "throughput": round(row["throughput_per_s"] / base["throughput_per_s"], 3),
+            "per_cpu": round(base["worker_cpu_ms_per_job"] / row["worker_cpu_ms_per_job"], 3),
+        }
+
+
+def _baseline_summary(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The baseline's rows, each with ``error``: why its first failed repeat failed (None when none did)."""
+    rows = summarize(entries)
+    for row in rows:
+        failures = [e["error"] for e in entries if e["pool"] == row["pool"] and e.get("error")]
+        row["error"] = failures[0] if failures else None
+        row["failed_repeats"] = len(failures)
+    return rows
+
+
 def _winner(summary: list[dict[str, Any]]) -> dict[str, Any] | None:
     ranked = sorted(summary, key=lambda r: r["throughput_per_s"], reverse=True)
     if not ranked or not ranked[0]["throughput_per_s"]:
@@ -131,11 +157,12 @@ class RunFile:
     """The JSON document of one run and the file it lives in."""
 
     def __init__(self, out_dir: Path, workload: Workload, *, pools: list[str], repeats: int, command: str,
-                 machine: dict[str, Any], run_id: str | None = None) -> None:
+                 machine: dict[str, Any], run_id: str | None = None, baseline: str | None = None) -> None:
         self.run_id = run_id or new_run_id()
         self.path = out_dir / f"{self.run_id}.json"
         self.workload = workload
         self._entries: list[dict[str, Any]] = []
+        self._baseline_entries: list[dict[str, Any]] = []
         self._last_live_write = 0.0
         self.doc: dict[str, Any] = {
             "schema": SCHEMA_ID, "run_id": self.run_id, "status": "running", "error": None,
@@ -143,6 +170,7 @@ class RunFile:
             "command": command, "machine": machine,
             "workload": {**workload.as_dict(), "pools": pools, "repeats": repeats},
             "results": [], "summary": [], "winner": None, "progress": None,
+            "baseline": None if baseline is None else {"system": baseline, "results": [], "summary": []},
         }
 
     def write(self) -> None:
@@ -152,20 +180,39 @@ class RunFile:
         os.replace(tmp, self.path)
         self._last_live_write = time.monotonic()
 
-    def progress(self, result: PoolResult, *, force: bool = False) -> None:
-        """Record the pool in flight; written at most every LIVE_WRITE_INTERVAL_S unless ``force``."""
+    def progress(self, result: PoolResult, *, force: bool = False, baseline: bool = False) -> None:
+        """Record the pool in flight; written at most every LIVE_WRITE_INTERVAL_S unless ``force``.
+
+        A baseline's pool in flight is named ``gevent (stock)``, so a live page draws it as a line of its own.
+        """
         if not force and time.monotonic() - self._last_live_write < LIVE_WRITE_INTERVAL_S:
             return
-        self.doc["progress"] = {"pool": result.pool, "repeat": result.repeat, "done": len(result.jobs),
+        pool = f"{result.pool} ({self.doc['baseline']['system']})" if baseline else result.pool
+        self.doc["progress"] = {"pool": pool, "repeat": result.repeat, "done": len(result.jobs),
                                 "total": result.total, "throughput_per_s": round(result.throughput_per_s, 3),
                                 "timeline": result.timeline()}
         self.write()
 
     def add(self, result: PoolResult) -> None:
         self._entries.append(result_entry(result, self.workload))
+        self._summarize()
+
+    def add_baseline(self, result: PoolResult, error: str | None = None) -> None:
+        """One baseline pool × repeat; ``error`` says why it failed (its entry keeps the jobs that finished)."""
+        if self.doc["baseline"] is None:
+            raise ValueError("this run has no baseline")
+        self._baseline_entries.append({**result_entry(result, self.workload), "error": error})
+        self._summarize()
+
+    def _summarize(self) -> None:
         self.doc["results"] = self._entries
         self.doc["summary"] = summarize(self._entries)
         self.doc["winner"] = _winner(self.doc["summary"])
+        baseline = self.doc["baseline"]
+        if baseline is not None:
+            baseline["results"] = self._baseline_entries
+            baseline["summary"] = _baseline_summary(self._baseline_entries)
+            compare_to_baseline(self.doc["summary"], baseline["summary"])
         self.doc["progress"] = None
         self.write()
 

@@ -6,10 +6,12 @@ from typing import Any
 
 from rich.table import Table
 
-__all__ = ["COLUMNS", "render_table", "title", "verdict"]
+__all__ = ["BASELINE_COLUMNS", "COLUMNS", "render_table", "title", "verdict"]
 
 COLUMNS = ("pool", "concurrency", "ok", "failed", "jobs/s", "% of limit", "p50 ms", "p95 ms", "p99 ms",
            "CPU ms/job", "peak RSS MB", "vs best")
+# With ``--baseline stock``: jobs/s, and jobs per CPU second, as multiples of the same pool on stock Celery.
+BASELINE_COLUMNS = ("vs stock", "per CPU vs stock")
 
 
 def title(doc: dict[str, Any]) -> str:
@@ -42,18 +44,39 @@ def _rate(row: dict[str, Any]) -> str:
     return text
 
 
+def _cells(row: dict[str, Any]) -> list[str]:
+    lat = row["latency_ms"]
+    pct = row["pct_of_limit"]
+    return [str(row["jobs_ok"]), str(row["jobs_failed"]), _rate(row),
+            "-" if pct is None else f"{pct:.0f} %", f"{lat['p50']:.0f}", f"{lat['p95']:.0f}", f"{lat['p99']:.0f}",
+            f"{row['worker_cpu_ms_per_job']:.2f}", f"{row['peak_rss_mb']:.0f}"]
+
+
+def _slots(row: dict[str, Any]) -> str:
+    return str(row["concurrency"]) + (f"×{row['processes']}" if row["processes"] > 1 else "")
+
+
+def _vs_stock(row: dict[str, Any]) -> list[str]:
+    ratios = row.get("vs_stock")
+    if not ratios:
+        return ["-", "-"]
+    return [f"{ratios['throughput']:.2f}×", f"{ratios['per_cpu']:.2f}×"]
+
+
 def render_table(doc: dict[str, Any]) -> Table:
-    table = Table(title=title(doc), caption=verdict(doc))
-    for column in COLUMNS:
+    """One row per pool; with a baseline, the same pool on stock Celery right below it, and why it failed."""
+    baseline: dict[str, Any] = doc.get("baseline") or {}
+    stock = {row["pool"]: row for row in baseline["summary"]} if baseline else {}
+    failures = [f"{row['pool']} ({baseline['system']}) failed {row['failed_repeats']} of {row['repeats']}: "
+                f"{row['error']}" for row in stock.values() if row["error"]]
+    table = Table(title=title(doc), caption="\n".join([verdict(doc), *failures]))
+    for column in (*COLUMNS, *(BASELINE_COLUMNS if baseline else ())):
         table.add_column(column, justify="left" if column == "pool" else "right")
     for row in doc["summary"]:
-        slots = str(row["concurrency"]) + (f"×{row['processes']}" if row["processes"] > 1 else "")
-        lat = row["latency_ms"]
-        pct = row["pct_of_limit"]
-        table.add_row(
-            row["pool"], slots, str(row["jobs_ok"]), str(row["jobs_failed"]), _rate(row),
-            "-" if pct is None else f"{pct:.0f} %", f"{lat['p50']:.0f}", f"{lat['p95']:.0f}", f"{lat['p99']:.0f}",
-            f"{row['worker_cpu_ms_per_job']:.2f}", f"{row['peak_rss_mb']:.0f}",
-            "-" if row["vs_best"] is None else f"{row['vs_best']:.2f}×",
-        )
+        vs_best = "-" if row["vs_best"] is None else f"{row['vs_best']:.2f}×"
+        table.add_row(row["pool"], _slots(row), *_cells(row), vs_best, *(_vs_stock(row) if baseline else ()))
+        base = stock.get(row["pool"])
+        if base is not None:
+            name = f"  └ {baseline['system']}" + (" FAILED" if base["error"] else "")
+            table.add_row(name, _slots(base), *_cells(base), "", "", "", style="red" if base["error"] else "dim")
     return table

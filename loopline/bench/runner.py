@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,11 @@ from typing import Any
 import psutil
 from kombu import Exchange, Queue
 
+from loopline.bench.baseline import LOOPLINE, System
 from loopline.bench.jobs import JobTimes, PoolResult, Workload
-from loopline.bench.procs import Child, start_worker
+from loopline.bench.procs import Child
 
-__all__ = ["JobsMissing", "PoolFailed", "PoolResult", "Workload", "run_pool"]
+__all__ = ["JobsMissing", "PoolFailed", "PoolResult", "RunFailed", "Workload", "run_pool"]
 
 POLL_INTERVAL_S = 0.2
 READY_POLL_S = 0.02
@@ -33,11 +34,17 @@ STALL_TIMEOUT_S = 60.0
 SAMPLE_INTERVAL_S = 0.25
 
 
-class JobsMissing(RuntimeError):
+class RunFailed(RuntimeError):
+    """A pool's run did not finish; ``result`` holds what it measured until then (set by :func:`run_pool`)."""
+
+    result: PoolResult | None = None
+
+
+class JobsMissing(RunFailed):
     """The worker went quiet (or died) with jobs still unfinished; the message says how many."""
 
 
-class PoolFailed(RuntimeError):
+class PoolFailed(RunFailed):
     """A pool's worker did not come up; the message holds its exit code and last log line."""
 
 
@@ -112,25 +119,30 @@ def run_pool(
     stall_timeout_s: float = STALL_TIMEOUT_S,
     ready_timeout_s: float = READY_TIMEOUT_S,
     env: dict[str, str] | None = None,
+    system: System = LOOPLINE,
 ) -> PoolResult:
-    """Run ``workload`` through a fresh ``pool`` worker on a queue of its own and measure it.
+    """Run ``workload`` through a fresh ``pool`` worker of ``system`` on a queue of its own and measure it.
 
     The queue is full before the worker starts; CPU counts from the moment every worker process logged
-    ``ready.``, so booting Celery is not charged to the jobs.
+    ``ready.``, so booting Celery is not charged to the jobs. A run that fails raises :class:`RunFailed`
+    carrying what it measured.
     """
-    from loopline.app.default import app
-
-    task = app.tasks[f"tasks.{workload.task}"]
-    queue = f"bench.{pool}.{uuid.uuid4().hex[:8]}"
+    app = system.app()
+    task = app.tasks[system.task_name(pool, workload.task)]
+    queue = f"bench.{pool}.{uuid.uuid4().hex[:8]}" if system is LOOPLINE else \
+        f"bench.{system.name}.{pool}.{uuid.uuid4().hex[:8]}"
     result = PoolResult(pool=pool, concurrency=concurrency, processes=processes, repeat=repeat, total=workload.jobs)
     enqueued: dict[str, float] = {}
     try:
         pending = set(_fill(app, task, workload, queue, enqueued))
-        extra: Sequence[str] = ("--processes", str(processes)) if processes > 1 else ()
-        worker = start_worker(pool, concurrency, queues=[queue], log_path=log_dir / f"worker-{pool}-{repeat}.log",
-                              env=env, extra=extra)
+        log_name = f"worker-{pool}-{repeat}.log" if system is LOOPLINE else f"worker-{system.name}-{pool}-{repeat}.log"
+        worker = system.start_worker(pool, concurrency, queues=[queue], log_path=log_dir / log_name, env=env,
+                                     processes=processes)
         _measure(worker, result, pending, enqueued, app.backend, on_progress=on_progress,
                  stall_timeout_s=stall_timeout_s, ready_timeout_s=ready_timeout_s)
+    except RunFailed as exc:
+        exc.result = result
+        raise
     finally:
         _forget(app, queue, list(enqueued))
     return result

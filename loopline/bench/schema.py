@@ -16,7 +16,7 @@ _TIMELINE = {"type": "array", "items": {"type": "object", "required": ["t_s", "c
                                         "properties": {"t_s": _NUM, "completed": _INT}}}
 _ERRORS = {"type": "object", "additionalProperties": _INT}
 
-_RESULT = {
+_RESULT: dict[str, Any] = {
     "type": "object",
     "required": ["pool", "concurrency", "processes", "repeat", "jobs_ok", "jobs_failed", "errors", "retries", "wall_s",
                  "throughput_per_s", "little_limit_per_s", "pct_of_limit", "latency_ms", "worker_cpu_s",
@@ -39,7 +39,7 @@ _RESULT = {
     },
 }
 
-_SUMMARY = {
+_SUMMARY: dict[str, Any] = {
     "type": "object",
     "required": ["pool", "concurrency", "processes", "repeats", "jobs_ok", "jobs_failed", "errors", "throughput_per_s",
                  "throughput_min_per_s", "throughput_max_per_s", "little_limit_per_s", "pct_of_limit", "latency_ms",
@@ -50,7 +50,27 @@ _SUMMARY = {
         "little_limit_per_s": _NULLABLE_NUM, "pct_of_limit": _NULLABLE_NUM, "latency_ms": _LATENCY,
         "worker_cpu_ms_per_job": _NUM, "peak_rss_mb": _NUM, "timeline": _TIMELINE, "timeline_repeat": _INT,
         "vs_best": _NULLABLE_NUM,
+        "vs_stock": {"type": ["object", "null"], "required": ["throughput", "per_cpu"],
+                     "properties": {"throughput": _NUM, "per_cpu": _NUM}},
     },
+}
+
+# ``--baseline stock``: the same pools on a plain Celery app. Its entries and rows have the fields above, plus
+# ``error`` (why that repeat, or the pool's first failed repeat, did not finish; None when it did).
+_BASELINE_RESULT: dict[str, Any] = {
+    **_RESULT, "required": [*_RESULT["required"], "error"],
+    "properties": {**_RESULT["properties"], "error": {"type": ["string", "null"]}},
+}
+_BASELINE_SUMMARY: dict[str, Any] = {
+    **_SUMMARY, "required": [*_SUMMARY["required"], "error", "failed_repeats"],
+    "properties": {**_SUMMARY["properties"], "error": {"type": ["string", "null"]},
+                   "failed_repeats": _INT},
+}
+_BASELINE = {
+    "type": ["object", "null"],
+    "required": ["system", "results", "summary"],
+    "properties": {"system": {"enum": ["stock"]}, "results": {"type": "array", "items": _BASELINE_RESULT},
+                   "summary": {"type": "array", "items": _BASELINE_SUMMARY}},
 }
 
 RUN_SCHEMA: dict[str, Any] = {
@@ -90,6 +110,7 @@ RUN_SCHEMA: dict[str, Any] = {
             "required": ["pool", "throughput_per_s"],
             "properties": {"pool": _STR, "throughput_per_s": _NUM, "runner_up": _STR, "ratio": _NUM},
         },
+        "baseline": _BASELINE,
         "progress": {
             "type": ["object", "null"],
             "required": ["pool", "repeat", "done", "total", "throughput_per_s", "timeline"],

@@ -31,7 +31,7 @@ MAX_PREFORK_CONCURRENCY = 64
 SINGLE_PROCESS_POOLS = ("prefork", "solo")
 TASKS = ("fetch_url", "io_sleep", "deliver_webhook")
 # A fixed width when piped (CI logs, README), so the table is never squeezed into 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 150)
+console = Console(width=None if sys.stdout.isatty() else 170)
 
 
 def parse_concurrency(spec: str | None, pools: list[str]) -> dict[str, int]:
@@ -73,6 +73,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="workers log Celery's INFO line for each received and finished job; off by default, as at "
                    "Celery's own default level (WARNING): two lines per job cost an asyncio worker 7 %% to a "
                    "quarter of its CPU")
+    p.add_argument("--baseline", choices=("stock",),
+                   help="also run each pool on a plain Celery app (Celery's defaults, no loopline transport, backend, "
+                   "consumer or sizing; requests bodies, aiohttp on loopline's asyncio pool), right after the same "
+                   "pool, and show both; where stock fails the table says why. One process per pool")
     p.add_argument("--out", type=Path, default=Path("results"), help="where run files go (default: results/)")
 
 
@@ -85,6 +89,7 @@ class Plan:
     processes: dict[str, int]
     repeats: int
     task_log: bool = False
+    baseline: str | None = None
 
     def command(self, args: argparse.Namespace) -> str:
         """The command that reproduces this run, every default spelled out."""
@@ -94,7 +99,7 @@ class Plan:
             ",".join(f"{p}={c}" for p, c in self.concurrency.items()), "--jitter-ms", f"{args.jitter_ms:g}",
             "--error-rate", f"{args.error_rate:g}", "--payload-bytes", str(args.payload_bytes), "--task", args.task,
             "--repeat", str(self.repeats), "--processes", str(args.processes),
-            *(["--task-log"] if self.task_log else []),
+            *(["--task-log"] if self.task_log else []), *(["--baseline", self.baseline] if self.baseline else []),
         ])
 
 
@@ -119,7 +124,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             raise ValueError(message)
     processes = {p: 1 if p in SINGLE_PROCESS_POOLS else args.processes for p in pools}
     return Plan(pools, parse_concurrency(args.concurrency, pools), processes, args.repeat,
-                task_log=bool(getattr(args, "task_log", False)))
+                task_log=bool(getattr(args, "task_log", False)), baseline=getattr(args, "baseline", None))
 
 
 def _ensure_broker(stack: ExitStack) -> None:
@@ -183,7 +188,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         workload = Workload(args.task, args.jobs, args.latency_ms, url, args.jitter_ms, args.error_rate,
                             args.payload_bytes)
         run = RunFile(args.out, workload, pools=plan.pools, repeats=plan.repeats, command=plan.command(args),
-                      machine=machine_info(_redis_version()), run_id=run_id)
+                      machine=machine_info(_redis_version()), run_id=run_id, baseline=plan.baseline)
         run.write()
         console.print(f"run [bold]{run.run_id}[/]: {run.path} (follow it live with `loopline dashboard`)")
         try:
@@ -196,7 +201,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             run.finish("failed", str(exc))
             raise
         run.finish("complete")
-    shutil.rmtree(log_dir, ignore_errors=True)
+    baseline = run.doc["baseline"]
+    if baseline is None or not any(entry["error"] for entry in baseline["results"]):
+        shutil.rmtree(log_dir, ignore_errors=True)  # a failed baseline's message names its worker log
     console.print(render_table(run.doc))
     console.print(f"results: {run.path}")
     return 0
@@ -204,22 +211,43 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def _run_pools(plan: Plan, workload: Workload, run: RunFile, log_dir: Path) -> None:
     """Every repeat of every pool, in turn, with a progress bar per pool; each result goes into the run file."""
-    from loopline.bench.runner import run_pool
+    from loopline.bench.baseline import BASELINES, LOOPLINE
+    from loopline.bench.runner import RunFailed, run_pool
 
-    progress = Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+    systems = [LOOPLINE, *([BASELINES[plan.baseline]] if plan.baseline else [])]
+    progress = Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]:>9,.1f} jobs/s"), TimeElapsedColumn(), console=console)
-    bars = {pool: progress.add_task(pool, total=workload.jobs * plan.repeats, rate=0.0, start=False)
-            for pool in plan.pools}
+    bars = {(system.name, pool): progress.add_task(pool if system is LOOPLINE else f"{pool} ({system.name})",
+                                                   total=workload.jobs * plan.repeats, rate=0.0, start=False)
+            for pool in plan.pools for system in systems}
     with progress:
         for repeat in range(1, plan.repeats + 1):
             for pool in plan.pools:
-                progress.start_task(bars[pool])
-                done_before = (repeat - 1) * workload.jobs
+                for system in systems:
+                    bar = bars[system.name, pool]
+                    progress.start_task(bar)
+                    done_before = (repeat - 1) * workload.jobs
+                    is_baseline = system is not LOOPLINE
 
-                def advance(result: PoolResult, bar: TaskID = bars[pool], done_before: int = done_before) -> None:
-                    progress.update(bar, completed=done_before + len(result.jobs), rate=result.throughput_per_s)
-                    run.progress(result)
+                    def advance(result: PoolResult, bar: TaskID = bar, done_before: int = done_before,
+                                is_baseline: bool = is_baseline) -> None:
+                        progress.update(bar, completed=done_before + len(result.jobs), rate=result.throughput_per_s)
+                        run.progress(result, baseline=is_baseline)
 
-                run.add(run_pool(pool, plan.concurrency[pool], workload, log_dir=log_dir, repeat=repeat,
-                                 processes=plan.processes[pool], on_progress=advance,
-                                 env={"LOOPLINE_TASK_LOG": "1" if plan.task_log else "0"}))
+                    # Stock Celery runs one process: it has no --processes.
+                    processes = plan.processes[pool] if system is LOOPLINE else 1
+                    try:
+                        result = run_pool(pool, plan.concurrency[pool], workload, log_dir=log_dir, repeat=repeat,
+                                          processes=processes, on_progress=advance, system=system,
+                                          env={"LOOPLINE_TASK_LOG": "1" if plan.task_log else "0"})
+                    except RunFailed as exc:
+                        if not is_baseline or exc.result is None:
+                            raise
+                        # Where stock Celery fails is a result: recorded and shown, and the run goes on.
+                        console.print(f"[yellow]{pool} ({system.name}) failed:[/] {exc}")
+                        run.add_baseline(exc.result, str(exc))
+                        continue
+                    if is_baseline:
+                        run.add_baseline(result)
+                    else:
+                        run.add(result)

@@ -19,8 +19,8 @@ RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SUMMARY_FIELDS = ("pool", "concurrency", "processes", "repeats", "jobs_ok", "jobs_failed", "throughput_per_s",
                   "throughput_min_per_s", "throughput_max_per_s", "little_limit_per_s", "pct_of_limit",
                   "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_max_ms", "worker_cpu_ms_per_job",
-                  "peak_rss_mb", "vs_best")
-JOB_FIELDS = ("pool", "repeat", "job", "enqueued_s", "started_s", "finished_s", "latency_ms", "error")
+                  "peak_rss_mb", "vs_best", "system", "vs_stock_throughput", "vs_stock_per_cpu", "error")
+JOB_FIELDS = ("pool", "repeat", "job", "enqueued_s", "started_s", "finished_s", "latency_ms", "error", "system")
 
 
 Signature = tuple[int, int, int]
@@ -87,8 +87,9 @@ class RunStore:
         if cached is not None and cached[0] == signature:
             return cached[1]
         doc = self.load(run_id)
-        results = [{k: v for k, v in entry.items() if k != "jobs"} for entry in doc.get("results", [])]
-        view = {**doc, "results": results}
+        view = {**doc, "results": _without_jobs(doc.get("results", []))}
+        if isinstance(doc.get("baseline"), dict):
+            view["baseline"] = {**doc["baseline"], "results": _without_jobs(doc["baseline"].get("results", []))}
         self._cache[run_id] = (signature, view)
         return view
 
@@ -108,6 +109,19 @@ class RunStore:
         return runs
 
 
+def _without_jobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in entry.items() if k != "jobs"} for entry in entries]
+
+
+def _systems(doc: dict[str, Any], part: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(system, item)`` for each of the run's ``part`` ("summary" or "results"), the baseline's after loopline's."""
+    items = [("loopline", item) for item in doc.get(part, [])]
+    baseline = doc.get("baseline")
+    if isinstance(baseline, dict):
+        items += [(baseline["system"], item) for item in baseline.get(part, [])]
+    return items
+
+
 def _csv(fields: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
@@ -117,12 +131,15 @@ def _csv(fields: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
 
 
 def summary_csv(doc: dict[str, Any]) -> str:
-    """One row per pool: the numbers of the table and the charts."""
+    """One row per pool and system (loopline, then the baseline's): the numbers of the table and the charts."""
     rows = []
-    for row in doc["summary"]:
+    for system, row in _systems(doc, "summary"):
         flat = {k: row.get(k) for k in SUMMARY_FIELDS}
         for q in ("p50", "p95", "p99", "max"):
             flat[f"latency_{q}_ms"] = row["latency_ms"][q]
+        ratios = row.get("vs_stock") or {}
+        flat.update(system=system, vs_stock_throughput=ratios.get("throughput"),
+                    vs_stock_per_cpu=ratios.get("per_cpu"))
         rows.append(flat)
     return _csv(SUMMARY_FIELDS, rows)
 
@@ -130,7 +147,7 @@ def summary_csv(doc: dict[str, Any]) -> str:
 def jobs_csv(doc: dict[str, Any]) -> str:
     """One row per job of every pool and repeat; times in seconds from that repeat's first job start."""
     rows = []
-    for entry in doc.get("results", []):
+    for system, entry in _systems(doc, "results"):
         jobs = entry.get("jobs")
         if not jobs:
             continue
@@ -139,5 +156,5 @@ def jobs_csv(doc: dict[str, Any]) -> str:
             rows.append({"pool": entry["pool"], "repeat": entry["repeat"], "job": i, "enqueued_s": enq,
                          "started_s": start, "finished_s": end,
                          "latency_ms": None if start is None else round((end - start) * 1000, 3),
-                         "error": error or ""})
+                         "error": error or "", "system": system})
     return _csv(JOB_FIELDS, rows)

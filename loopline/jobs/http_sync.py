@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
 from urllib.parse import urljoin
 
 import requests
@@ -22,29 +24,65 @@ MAX_REDIRECTS = 10
 CHUNK_BYTES = 64 * 1024
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 _local = threading.local()
+F = TypeVar("F", bound=Callable[..., Any])
+# Sessions between jobs, per allowlist: a connection checked under one allowlist never serves a job under another.
+_idle: dict[Allowlist, list[requests.Session]] = {}
+_idle_lock = threading.Lock()
+
+
+def _new_session(allowlist: Allowlist) -> requests.Session:
+    # Its adapter guards every request and connects to the addresses it checked.
+    session = requests.Session()
+    session.trust_env = False
+    adapter = GuardedAdapter(allowlist)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 def _session(allowlist: Allowlist) -> requests.Session:
-    # One session per thread (per greenlet under gevent) keeps connections alive between jobs;
-    # requests.Session is not documented as thread-safe, so it is never shared. Its adapter guards every
-    # request and connects to the addresses it checked; one session per allowlist, so that a connection
-    # checked under one allowlist never serves a job under another.
+    """The session lent to this job (see _leased) when it is for ``allowlist``, else one of this thread's own."""
+    leased = getattr(_local, "leased", None)
+    if leased is not None and leased[0] == allowlist:
+        return leased[1]
     sessions: dict[Allowlist, requests.Session] | None = getattr(_local, "sessions", None)
     if sessions is None:
         sessions = _local.sessions = {}
     session = sessions.get(allowlist)
     if session is None:
-        session = sessions[allowlist] = requests.Session()
-        session.trust_env = False
-        adapter = GuardedAdapter(allowlist)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
+        session = sessions[allowlist] = _new_session(allowlist)
     return session
 
 
+def _leased(body: F) -> F:
+    """Run each call of ``body`` with a session lent for the job: one job at a time per session, reused after.
+
+    requests.Session is not documented as thread-safe, so a session is never used by two jobs at once; but it
+    is not kept per thread either: the gevent pool runs every task in a new greenlet, where a thread-local
+    (greenlet-local once patched) was a new Session, connection pool and TCP connection per job.
+    """
+    @functools.wraps(body)
+    def run(req: FetchRequest | WebhookRequest, *args: Any, **kwargs: Any) -> Any:
+        with _idle_lock:
+            idle = _idle.get(req.allowlist)
+            session = idle.pop() if idle else None
+        _local.leased = (req.allowlist, session or _new_session(req.allowlist))
+        try:
+            return body(req, *args, **kwargs)
+        finally:
+            allowlist, lent = _local.leased
+            _local.leased = None
+            with _idle_lock:
+                _idle.setdefault(allowlist, []).append(lent)
+    return cast(F, run)
+
+
 def close_sessions() -> None:
-    """Close this thread's sessions (and their kept-alive connections)."""
-    for session in getattr(_local, "sessions", {}).values():
+    """Close this thread's sessions and the idle ones (and their kept-alive connections)."""
+    with _idle_lock:
+        idle = [session for sessions in _idle.values() for session in sessions]
+        _idle.clear()
+    for session in [*idle, *getattr(_local, "sessions", {}).values()]:
         session.close()
     _local.sessions = {}
 
@@ -61,6 +99,7 @@ def guard_errors() -> Iterator[None]:
         raise GuardRefused(str(exc)) from None
 
 
+@_leased
 def fetch(req: FetchRequest) -> FetchResult:
     """Fetch ``req.url``, following redirects itself so that every hop passes the URL guard."""
     started_at = now_s()
@@ -98,6 +137,7 @@ def fetch(req: FetchRequest) -> FetchResult:
     raise FetchFailed(f"{req.url}: more than {MAX_REDIRECTS} redirects")
 
 
+@_leased
 def post(req: WebhookRequest, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
     """POST one webhook attempt; returns (status, Retry-After header). No redirects."""
     try:

@@ -155,3 +155,18 @@ def test_a_failed_batch_is_written_one_by_one_with_celerys_retries(
 
     assert all(app.AsyncResult(task_id).result == {"id": task_id} for task_id in task_ids)
     assert "a batch of 4 writes failed (connection reset by peer); writing them one by one" in caplog.text
+
+
+def test_one_backend_serves_every_thread_of_a_process(backend: RedisBackend) -> None:
+    # Celery keeps a backend per thread unless it is thread_safe (Celery._backend); under gevent that is one
+    # per greenlet, so a new backend, Redis client and connection pool for every task (celery #6819).
+    import threading
+
+    seen: list[Any] = []
+    threads = [threading.Thread(target=lambda: seen.append(app.backend)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(seen) == 3 and all(other is backend for other in seen)
+    assert backend.thread_safe

@@ -195,3 +195,53 @@ def test_ctrl_c_stops_workers_target_and_its_own_redis(tmp_path: Path) -> None:
     doc = run_file(out)
     assert doc is not None and doc["status"] == "interrupted"
     assert list(out.iterdir()) == [out / f"{doc['run_id']}.json"]
+
+
+def test_the_stock_baseline_runs_beside_each_pool(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    child = start_bench(["--pools", "threads,asyncio", "--jobs", "30", "--latency-ms", "20", "--concurrency", "10",
+                         "--baseline", "stock", "--out", str(out)], log_path=tmp_path / "bench.log", env=env_for())
+    assert finish(child) == 0, child.log_text()[-3000:]
+    doc = run_file(out)
+    assert doc is not None and [p.name for p in out.iterdir()] == [f"{doc['run_id']}.json"]
+    jsonschema.validate(doc, RUN_SCHEMA, format_checker=jsonschema.FormatChecker())
+    assert doc["command"].endswith("--baseline stock")
+    assert [r["pool"] for r in doc["results"]] == ["threads", "asyncio"]
+    baseline = doc["baseline"]
+    assert baseline["system"] == "stock" and [r["pool"] for r in baseline["results"]] == ["threads", "asyncio"]
+    for entry in baseline["results"]:
+        assert entry["error"] is None and entry["jobs_ok"] == 30 and entry["worker_cpu_ms_per_job"] > 0
+        assert entry["latency_ms"]["p50"] >= 20
+    for row in doc["summary"]:
+        assert row["vs_stock"]["throughput"] > 0 and row["vs_stock"]["per_cpu"] > 0
+    lines = [line for line in child.log_text().splitlines() if "│" in line]
+    for pool in ("threads", "asyncio"):
+        at = next(i for i, line in enumerate(lines) if f"│ {pool} " in line)
+        assert "└ stock" in lines[at + 1] and "FAILED" not in lines[at + 1]
+
+
+def test_a_stock_run_that_fails_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    child = start_bench(["--pools", "threads", "--jobs", "60", "--latency-ms", "100", "--concurrency", "2",
+                         "--baseline", "stock", "--out", str(out)], log_path=tmp_path / "bench.log", env=env_for())
+    try:
+        def stock_running() -> bool:
+            doc = run_file(out)
+            progress = doc["progress"] if doc else None
+            return bool(progress and progress["pool"] == "threads (stock)" and progress["done"] > 0)
+
+        wait_until(stock_running, 60, "the stock worker's progress", child)
+        worker = next(p for p in psutil.Process(child.pid).children() if "loopline.bench.baseline" in p.cmdline())
+        worker.send_signal(signal.SIGKILL)
+        assert finish(child) == 0, child.log_text()[-3000:]
+    finally:
+        child.stop(grace_s=5)
+    doc = run_file(out)
+    assert doc is not None and doc["status"] == "complete"
+    jsonschema.validate(doc, RUN_SCHEMA, format_checker=jsonschema.FormatChecker())
+    stock = doc["baseline"]["summary"][0]
+    assert stock["failed_repeats"] == 1 and "jobs never finished (the worker exited)" in stock["error"]
+    assert 0 < stock["jobs_ok"] < 60 and doc["summary"][0]["vs_stock"] is None
+    log = child.log_text()
+    assert "└ stock FAILED" in log and "threads (stock) failed 1 of 1: threads: " in log.replace("\n", " ")
+    assert (out / f"{doc['run_id']}.logs").is_dir()  # the failure names the stock worker's log: it is kept

@@ -103,3 +103,44 @@ def test_entry_without_latency_has_no_limit() -> None:
 def test_run_ids_sort_by_time_and_are_valid() -> None:
     run_id = new_run_id()
     assert len(run_id) == 20 and run_id[8] == "-" and run_id[:8].isdigit()
+
+
+def test_baseline_rows_sit_beside_each_pool_with_ratios_and_failures(tmp_path: Path) -> None:
+    run = RunFile(tmp_path, WORKLOAD, pools=["gevent", "asyncio"], repeats=1, command="loopline bench --baseline stock",
+                  machine=machine_info(None), baseline="stock")
+    run.add(slotted("gevent", 10))
+    stock_gevent = slotted("gevent", 10, stretch=2.0)
+    stock_gevent.cpu_s = 0.16  # twice loopline's CPU for the same 40 jobs
+    run.add_baseline(stock_gevent)
+    run.add(slotted("asyncio", 20))
+    failed = slotted("asyncio", 10, jobs=12)
+    failed.total = 40
+    run.add_baseline(failed, "asyncio: 28 of 40 jobs never finished (the worker exited); worker log: w.log")
+    run.finish("complete")
+    doc = json.loads(run.path.read_text())
+    jsonschema.validate(doc, RUN_SCHEMA, format_checker=jsonschema.FormatChecker())
+    assert [row["pool"] for row in doc["summary"]] == ["gevent", "asyncio"]  # the baseline is not ranked with them
+    assert doc["winner"]["pool"] == "asyncio"
+    gevent, asyncio = doc["summary"]
+    # stretched: 4 batches in 0.7 s against 0.4 s
+    assert gevent["vs_stock"] == {"throughput": pytest.approx(1.75, rel=1e-3), "per_cpu": pytest.approx(2.0)}
+    assert asyncio["vs_stock"] is None  # no ratio against a run that did not finish
+    stock = {row["pool"]: row for row in doc["baseline"]["summary"]}
+    assert stock["gevent"]["error"] is None and stock["gevent"]["failed_repeats"] == 0
+    assert stock["asyncio"]["failed_repeats"] == 1 and "28 of 40" in stock["asyncio"]["error"]
+    assert stock["asyncio"]["jobs_ok"] + stock["asyncio"]["jobs_failed"] == 12  # what finished before it failed
+    assert [e["error"] is None for e in doc["baseline"]["results"]] == [True, False]
+    assert len(doc["baseline"]["results"][1]["jobs"]["finished_s"]) == 12
+
+
+def test_baseline_progress_is_named_apart_and_a_run_without_one_refuses_it(tmp_path: Path) -> None:
+    run = RunFile(tmp_path, WORKLOAD, pools=["threads"], repeats=1, command="loopline bench",
+                  machine=machine_info(None), baseline="stock")
+    run.progress(slotted("threads", 8, jobs=5), force=True, baseline=True)
+    assert json.loads(run.path.read_text())["progress"]["pool"] == "threads (stock)"
+    plain = RunFile(tmp_path, WORKLOAD, pools=["threads"], repeats=1, command="loopline bench",
+                    machine=machine_info(None))
+    with pytest.raises(ValueError, match="no baseline"):
+        plain.add_baseline(slotted("threads", 8))
+    plain.add(slotted("threads", 8))
+    assert json.loads(plain.path.read_text())["baseline"] is None and "vs_stock" not in plain.doc["summary"][0]

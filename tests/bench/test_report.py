@@ -63,3 +63,33 @@ def test_title_and_verdict_without_a_winner() -> None:
     assert title(document) == "300 × fetch_url, 100 ms latency"
     assert verdict(document) == "prefork won with 70.0 jobs/s"
     assert verdict({**document, "winner": None}) == "no pool finished a job"
+
+
+def test_baseline_rows_and_ratio_columns_and_a_failure_in_the_caption() -> None:
+    from loopline.bench.report import BASELINE_COLUMNS
+
+    ours = row("gevent", 240.0) | {"worker_cpu_ms_per_job": 4.0, "vs_stock": {"throughput": 2.0, "per_cpu": 2.1}}
+    async_ours = row("asyncio", 900.0) | {"vs_stock": None}
+    document = doc([ours, async_ours])
+    stock_gevent = row("gevent", 120.0) | {"worker_cpu_ms_per_job": 8.4, "error": None, "failed_repeats": 0}
+    why = "asyncio: 250 of 300 jobs never finished (no job finished for 60 s)"
+    stock_asyncio = row("asyncio", 50.0) | {"error": why, "failed_repeats": 1}
+    document["baseline"] = {"system": "stock", "results": [], "summary": [stock_gevent, stock_asyncio]}
+    out = text_of(document)
+    for column in BASELINE_COLUMNS:
+        assert column in out
+    lines = [line for line in out.splitlines() if "│" in line]
+    gevent_at = next(i for i, line in enumerate(lines) if "│ gevent" in line)
+    assert "2.00×" in lines[gevent_at] and "2.10×" in lines[gevent_at]
+    assert "└ stock" in lines[gevent_at + 1] and "120.0" in lines[gevent_at + 1] and "8.40" in lines[gevent_at + 1]
+    assert "FAILED" not in lines[gevent_at + 1]
+    asyncio_at = next(i for i, line in enumerate(lines) if "│ asyncio" in line)
+    assert "└ stock FAILED" in lines[asyncio_at + 1]
+    assert "asyncio (stock) failed 1 of 1: asyncio: 250 of 300 jobs never finished" in out
+
+
+def test_no_baseline_columns_without_a_baseline() -> None:
+    from loopline.bench.report import BASELINE_COLUMNS
+
+    out = text_of(doc([row("gevent", 195.1)]))
+    assert not any(column in out for column in BASELINE_COLUMNS) and "stock" not in out

@@ -84,7 +84,7 @@ def test_csv_exports(server: str) -> None:
     assert summary.text.splitlines()[0].startswith("pool,concurrency,processes,repeats,jobs_ok")
     assert [line.split(",")[0] for line in summary.text.splitlines()[1:]] == ["threads", "asyncio"]
     jobs = get(f"{server}/api/runs/{DONE}/jobs.csv").text.splitlines()
-    assert jobs[0] == "pool,repeat,job,enqueued_s,started_s,finished_s,latency_ms,error" and len(jobs) == 41
+    assert jobs[0] == "pool,repeat,job,enqueued_s,started_s,finished_s,latency_ms,error,system" and len(jobs) == 41
 
 
 def test_the_page_and_its_charting_library_come_from_this_server(server: str) -> None:

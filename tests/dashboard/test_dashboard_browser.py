@@ -165,3 +165,51 @@ def test_live_mode_follows_a_running_bench(page: Page, dashboard: str, results: 
     expect(page.locator("#pane-a .verdict")).to_contain_text("threads won with", timeout=UI_TIMEOUT_MS)
     expect(page.locator("#pane-a .live-title")).to_have_count(0)
     assert_charts_drawn(page, "#pane-a", ["threads"])
+
+
+def test_each_pool_shows_beside_its_stock_baseline_and_a_failure_says_why(
+        browser: Browser, tmp_path: Path) -> None:
+    from loopline.bench.jobs import JobTimes, PoolResult, Workload
+    from loopline.bench.record import RunFile, machine_info
+
+    def result(pool: str, per_slot_s: float, jobs: int = 20) -> PoolResult:
+        out = PoolResult(pool=pool, concurrency=5, total=20, cpu_s=0.1, peak_rss_mb=80.0)
+        for i in range(jobs):
+            start = 100.0 + (i // 5) * per_slot_s
+            out.add(JobTimes(99.0, start, start + 0.02))
+        return out
+
+    run = RunFile(tmp_path, Workload("fetch_url", 20, 20.0, "http://127.0.0.1:9"), pools=["gevent", "asyncio"],
+                  repeats=1, command="loopline bench --baseline stock", machine=machine_info("7.2"),
+                  run_id="20990101-000000-base", baseline="stock")
+    run.add(result("gevent", 0.02))
+    run.add_baseline(result("gevent", 0.06))  # 2.5× slower: no rounding at .xx5
+    run.add(result("asyncio", 0.02))
+    run.add_baseline(result("asyncio", 0.05, jobs=7), "asyncio: 13 of 20 jobs never finished (the worker exited)")
+    run.finish("complete")
+    child, url = start_dashboard(tmp_path, log_path=tmp_path / "dashboard.log")
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(f"{url}/?run={run.run_id}")
+        table = page.locator("#pane-a table.summary")
+        expect(table.locator("tr[data-pool=gevent] [data-col='vs stock']")).to_have_text(
+            f"{run.doc['summary'][0]['vs_stock']['throughput']:.2f}×", timeout=UI_TIMEOUT_MS)
+        stock = table.locator("tr.stock[data-stock-pool=gevent]")
+        expect(stock.locator("[data-col=pool]")).to_have_text("└ stock")
+        expect(stock.locator("[data-col='jobs/s']")).to_have_text(
+            f"{run.doc['baseline']['summary'][0]['throughput_per_s']:,.1f}")
+        expect(table.locator("tr[data-pool=asyncio] [data-col='vs stock']")).to_have_text("–")
+        expect(table.locator("tr.stock.failed[data-stock-pool=asyncio] [data-col=pool]")).to_have_text(
+            "└ stock FAILED")
+        expect(table.locator("tr.stock-error[data-stock-pool=asyncio]")).to_contain_text(
+            "asyncio on stock Celery failed 1 of 1: asyncio: 13 of 20 jobs never finished")
+        assert_charts_drawn(page, "#pane-a", ["gevent", "asyncio"])
+        expect(page.locator("#pane-a [data-chart=throughput]")).to_contain_text("stock")
+        shot(page, "dashboard-baseline.png")
+    finally:
+        context.close()
+        child.stop(grace_s=5)
+    assert errors == []

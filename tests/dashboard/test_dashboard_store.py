@@ -86,3 +86,25 @@ def test_bad_ids_and_bad_files_are_not_found_with_a_reason(tmp_path: Path, run_i
 
 def test_a_missing_folder_has_no_runs(tmp_path: Path) -> None:
     assert RunStore(tmp_path / "nowhere").list_runs() == []
+
+
+def test_the_stock_baseline_is_viewed_and_exported_beside_each_pool(tmp_path: Path) -> None:
+    run = RunFile(tmp_path, Workload("fetch_url", 20, 100.0, "http://127.0.0.1:9"), pools=["gevent", "asyncio"],
+                  repeats=1, command="loopline bench --baseline stock", machine=machine_info("7.2"), run_id="run-b",
+                  baseline="stock")
+    run.add(result("gevent", 10))
+    run.add_baseline(result("gevent", 5))
+    run.add(result("asyncio", 10))
+    run.add_baseline(result("asyncio", 5, jobs=7), "asyncio: 13 of 20 jobs never finished (the worker exited)")
+    run.finish("complete")
+    store = RunStore(tmp_path)
+    view = store.view("run-b")
+    assert all("jobs" not in r for r in view["baseline"]["results"])
+    assert "jobs" in store.load("run-b")["baseline"]["results"][0]  # the file itself keeps them
+    summary = list(csv.DictReader(io.StringIO(summary_csv(view))))
+    assert [(r["pool"], r["system"]) for r in summary] == [("gevent", "loopline"), ("asyncio", "loopline"),
+                                                           ("gevent", "stock"), ("asyncio", "stock")]
+    assert float(summary[0]["vs_stock_throughput"]) == pytest.approx(2.0, rel=1e-3)
+    assert summary[1]["vs_stock_throughput"] == "" and "13 of 20" in summary[3]["error"] and summary[2]["error"] == ""
+    jobs = list(csv.DictReader(io.StringIO(jobs_csv(store.load("run-b")))))
+    assert len(jobs) == 20 + 20 + 20 + 7 and [r["system"] for r in jobs].count("stock") == 27

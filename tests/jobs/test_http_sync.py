@@ -45,3 +45,32 @@ def test_a_host_that_does_not_resolve_is_a_plain_fetch_failure_worth_retrying(dn
     with pytest.raises(FetchFailed, match="host nowhere.test does not resolve") as raised:
         http_sync.fetch(_fetch_spec(fetch_url, "http://nowhere.test/x"))
     assert not isinstance(raised.value, GuardRefused)
+
+
+def test_jobs_in_new_threads_reuse_one_session(monkeypatch: pytest.MonkeyPatch, target_url: str) -> None:
+    # The gevent pool runs every task in a new greenlet: a session per thread (greenlet) was a new session,
+    # connection pool and TCP connection per job.
+    import threading
+
+    import requests
+
+    from config.celery_app import app
+    from loopline.jobs.specs import FetchRequest
+    from loopline.settings import settings_for
+
+    created: list[object] = []
+
+    class Counted(requests.Session):
+        def __init__(self) -> None:
+            super().__init__()
+            created.append(self)
+
+    monkeypatch.setattr(http_sync.requests, "Session", Counted)
+    monkeypatch.setenv("LOOPLINE_URL_ALLOWLIST", "127.0.0.1")
+    spec = FetchRequest.build(settings_for(app), f"{target_url}/job", "GET", None, 5, None)
+    statuses: list[int] = []
+    for _ in range(4):
+        thread = threading.Thread(target=lambda: statuses.append(http_sync.fetch(spec).status))
+        thread.start()
+        thread.join(30)
+    assert statuses == [200] * 4 and len(created) <= 1

@@ -72,10 +72,11 @@ def tap(redis_url: str) -> Iterator[EventTap]:
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("pool", ["asyncio", "gevent"])
 def test_task_events_arrive_complete_in_far_fewer_messages(
-    worker: Callable[..., Child], queue: str, tap: EventTap
+    worker: Callable[..., Child], queue: str, tap: EventTap, pool: str
 ) -> None:
-    worker("asyncio", 20)
+    worker(pool, 20)
     results = [io_sleep.apply_async((20,), queue=queue) for _ in range(60)]
     ids = {result.id for result in results}
     for result in results:
@@ -88,9 +89,11 @@ def test_task_events_arrive_complete_in_far_fewer_messages(
 
 
 @pytest.mark.timeout(90)
-def test_events_still_buffered_at_shutdown_are_sent(worker: Callable[..., Child], queue: str, tap: EventTap) -> None:
+@pytest.mark.parametrize("pool", ["asyncio", "gevent"])
+def test_events_still_buffered_at_shutdown_are_sent(worker: Callable[..., Child], queue: str, tap: EventTap,
+                                                    pool: str) -> None:
     # A flush interval longer than the test: only the shutdown flush can send these events.
-    child = worker("asyncio", 4, env={"LOOPLINE_EVENT_FLUSH_MS": "600000"})
+    child = worker(pool, 4, env={"LOOPLINE_EVENT_FLUSH_MS": "600000"})
     results = [io_sleep.apply_async((10,), queue=queue) for _ in range(3)]
     for result in results:
         result.get(timeout=RESULT_TIMEOUT_S)

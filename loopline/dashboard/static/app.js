@@ -11,6 +11,13 @@ const color = (pool) => COLORS[pool] || "#7f7f7f";
 const num = (n, digits = 1) =>
   n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
 
+// With `loopline bench --baseline stock`: the same pool's row on stock Celery, or undefined.
+const stockRow = (doc, pool) => (doc.baseline ? doc.baseline.summary.find((r) => r.pool === pool) : undefined);
+const stockValue = (doc, get) => (r) => {
+  const base = stockRow(doc, r.pool);
+  return base && !base.error ? get(base) : null;
+};
+
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
@@ -211,14 +218,26 @@ function throughputChart(doc) {
     text: limits.map((l) => (l === null ? "" : `limit ${num(l, 0)}/s${l > top ? " ↑" : ""}`)), textposition: "top center",
     hovertemplate: "%{x}: Little's-law limit (concurrency ÷ latency)<extra></extra>",
   };
-  return [[bars, marks], layout("Throughput (median; whiskers: min–max) and the Little's-law limit", "jobs/s",
-    { yaxis: { title: { text: "jobs/s" }, range: [0, top * 1.2] } })];
+  const traces = [bars, marks];
+  if (doc.baseline) {
+    // Stock Celery's bar beside each pool's; one that failed shows what it finished before, labelled so.
+    const stock = rows.map((r) => stockRow(doc, r.pool));
+    traces.push({
+      type: "bar", name: "stock Celery", x: rows.map((r) => r.pool), y: stock.map((b) => (b ? b.throughput_per_s : null)),
+      marker: { color: rows.map((r) => color(r.pool)), opacity: 0.35, pattern: { shape: "/" } },
+      text: stock.map((b) => (b ? `stock ${num(b.throughput_per_s)}${b.error ? " FAILED" : ""}` : "")),
+      textposition: "inside", insidetextanchor: "end", hovertemplate: "%{x} on stock Celery: %{y:,.1f} jobs/s<extra></extra>",
+    });
+  }
+  return [traces, layout("Throughput (median; whiskers: min–max) and the Little's-law limit", "jobs/s",
+    { yaxis: { title: { text: "jobs/s" }, range: [0, top * 1.2] }, barmode: "group" })];
 }
 
 function groupedBars(rows, series, title, yTitle) {
   const traces = series.map(([label, get, opacity]) => ({
     type: "bar", name: label, x: rows.map((r) => r.pool), y: rows.map(get),
-    marker: { color: rows.map((r) => color(r.pool)), opacity }, text: rows.map((r) => num(get(r), get(r) < 10 ? 2 : 0)),
+    marker: { color: rows.map((r) => color(r.pool)), opacity },
+    text: rows.map((r) => (get(r) === null ? "" : num(get(r), get(r) < 10 ? 2 : 0))),
     textposition: "outside", cliponaxis: false, hovertemplate: `%{x} ${label}: %{y:,.2f}<extra></extra>`,
   }));
   const empty = rows.length ? [] : [{ text: "shown when the first pool has finished", showarrow: false, xref: "paper",
@@ -241,11 +260,17 @@ function timelineChart(doc) {
 
 function drawCharts(pane, doc) {
   const rows = doc.summary;
+  const latency = [["p50", (r) => r.latency_ms.p50, 1], ["p95", (r) => r.latency_ms.p95, 0.7],
+    ["p99", (r) => r.latency_ms.p99, 0.45]];
+  const cpu = [["CPU ms/job", (r) => r.worker_cpu_ms_per_job, 1]];
+  if (doc.baseline) {
+    latency.push(["stock p50", stockValue(doc, (b) => b.latency_ms.p50), 0.25], ["stock p95", stockValue(doc, (b) => b.latency_ms.p95), 0.15]);
+    cpu.push(["stock CPU ms/job", stockValue(doc, (b) => b.worker_cpu_ms_per_job), 0.35]);
+  }
   const charts = {
     throughput: throughputChart(doc),
-    latency: groupedBars(rows, [["p50", (r) => r.latency_ms.p50, 1], ["p95", (r) => r.latency_ms.p95, 0.7],
-      ["p99", (r) => r.latency_ms.p99, 0.45]], "Job latency p50 · p95 · p99 (started → finished)", "ms"),
-    cpu: groupedBars(rows, [["CPU ms/job", (r) => r.worker_cpu_ms_per_job, 1]], "Worker CPU per job", "CPU ms per job"),
+    latency: groupedBars(rows, latency, `Job latency p50 · p95 · p99 (started → finished)${doc.baseline ? "; pale: stock Celery" : ""}`, "ms"),
+    cpu: groupedBars(rows, cpu, `Worker CPU per job${doc.baseline ? "; pale: stock Celery" : ""}`, "CPU ms per job"),
     memory: groupedBars(rows, [["peak RSS MB", (r) => r.peak_rss_mb, 1]], "Worker peak memory (RSS)", "MB"),
     timeline: timelineChart(doc),
   };
@@ -256,16 +281,33 @@ function drawCharts(pane, doc) {
   }
 }
 
+function tableCells(r) {
+  return [`${r.concurrency}${r.processes > 1 ? `×${r.processes}` : ""}`, r.jobs_ok, r.jobs_failed,
+    num(r.throughput_per_s) + (r.repeats > 1 ? ` (${num(r.throughput_min_per_s, 0)}–${num(r.throughput_max_per_s, 0)})` : ""),
+    r.pct_of_limit === null ? "–" : `${num(r.pct_of_limit, 0)} %`, num(r.latency_ms.p50, 0), num(r.latency_ms.p95, 0),
+    num(r.latency_ms.p99, 0), num(r.worker_cpu_ms_per_job, 2), num(r.peak_rss_mb, 0)];
+}
+
 function renderTable(table, doc) {
   const head = ["pool", "concurrency", "ok", "failed", "jobs/s", "% of limit", "p50 ms", "p95 ms", "p99 ms", "CPU ms/job",
-    "peak RSS MB", "vs best"];
-  const rows = doc.summary.map((r) => [r.pool, `${r.concurrency}${r.processes > 1 ? `×${r.processes}` : ""}`, r.jobs_ok,
-    r.jobs_failed, num(r.throughput_per_s) + (r.repeats > 1 ? ` (${num(r.throughput_min_per_s, 0)}–${num(r.throughput_max_per_s, 0)})` : ""),
-    r.pct_of_limit === null ? "–" : `${num(r.pct_of_limit, 0)} %`, num(r.latency_ms.p50, 0), num(r.latency_ms.p95, 0),
-    num(r.latency_ms.p99, 0), num(r.worker_cpu_ms_per_job, 2), num(r.peak_rss_mb, 0), r.vs_best === null ? "–" : `${num(r.vs_best, 2)}×`]);
-  table.replaceChildren(el("thead", {}, el("tr", {}, ...head.map((h) => el("th", {}, h)))),
-    el("tbody", {}, ...rows.map((cells, i) => el("tr", { "data-pool": doc.summary[i].pool },
-      ...cells.map((c, j) => el("td", { "data-col": head[j] }, String(c)))))));
+    "peak RSS MB", "vs best"].concat(doc.baseline ? ["vs stock", "per CPU vs stock"] : []);
+  const tr = (attrs, cells) => el("tr", attrs, ...cells.map((c, j) => el("td", { "data-col": head[j] }, String(c))));
+  const body = [];
+  for (const r of doc.summary) {
+    const ratios = r.vs_stock ? [`${num(r.vs_stock.throughput, 2)}×`, `${num(r.vs_stock.per_cpu, 2)}×`] : ["–", "–"];
+    body.push(tr({ "data-pool": r.pool }, [r.pool, ...tableCells(r), r.vs_best === null ? "–" : `${num(r.vs_best, 2)}×`,
+      ...(doc.baseline ? ratios : [])]));
+    const base = stockRow(doc, r.pool);
+    if (!base) continue;
+    // The stock row carries its pool in data-stock-pool, so tr[data-pool=X] still names one row.
+    body.push(tr({ class: base.error ? "stock failed" : "stock", "data-stock-pool": r.pool },
+      [`└ ${doc.baseline.system}${base.error ? " FAILED" : ""}`, ...tableCells(base), "", "", ""]));
+    if (base.error) {
+      body.push(el("tr", { class: "stock-error", "data-stock-pool": r.pool },
+        el("td", { colspan: String(head.length) }, `${r.pool} on stock Celery failed ${base.failed_repeats} of ${base.repeats}: ${base.error}`)));
+    }
+  }
+  table.replaceChildren(el("thead", {}, el("tr", {}, ...head.map((h) => el("th", {}, h)))), el("tbody", {}, ...body));
 }
 
 // ---- cluster and live stream -----------------------------------------------------------------------------
