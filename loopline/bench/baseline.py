@@ -30,6 +30,22 @@ REQUEST_TIMEOUT_S = 30.0
 _built: dict[str, Celery] = {}
 
 
+_plain_sessions: dict[int, Any] = {}
+
+
+def _plain_session() -> Any:
+    """One plain aiohttp session per event loop, as a user's own task would keep (no URL guard, no loopline)."""
+    import asyncio
+
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    session = _plain_sessions.get(id(loop))
+    if session is None or session.closed:
+        session = _plain_sessions[id(loop)] = aiohttp.ClientSession()
+    return session
+
+
 def create_stock_app(broker_url: str) -> Celery:
     """A plain Celery app on ``broker_url`` (results there too) with the bench's three tasks as plain bodies."""
     from celery.signals import worker_ready
@@ -61,20 +77,16 @@ def create_stock_app(broker_url: str) -> Celery:
 
     @app.task(name="stock.fetch_url_async")
     async def fetch_url_async(url: str) -> dict[str, Any]:
-        from loopline.concurrency.loop_resources import http_session
-
         started_at = time.time()
-        async with http_session().get(url) as response:
+        async with _plain_session().get(url) as response:
             body = await response.read()
         return {"url": url, "status": response.status, "bytes": len(body), "started_at": started_at,
                 "finished_at": time.time()}
 
     @app.task(name="stock.deliver_webhook_async")
     async def deliver_webhook_async(url: str, payload: Any) -> dict[str, Any]:
-        from loopline.concurrency.loop_resources import http_session
-
         started_at = time.time()
-        async with http_session().post(url, json=payload) as response:
+        async with _plain_session().post(url, json=payload) as response:
             await response.read()
         return {"url": url, "status": response.status, "started_at": started_at, "finished_at": time.time()}
 
