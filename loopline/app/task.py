@@ -67,7 +67,7 @@ class LooplineTask(Task):
 
     Stock Celery returns the un-run coroutine of an ``async def`` task (celery #3884, #6552). Here the
     asyncio pool awaits it on its loop, and the other pools run it on a bridge loop
-    (:func:`workers.bridge.resolve`). A task with an ``async_body`` runs that body instead of ``run``
+    (:func:`loopline.concurrency.bridge.resolve`). A task with an ``async_body`` runs that body instead of ``run``
     on the asyncio pool, so one task name has a sync body for sync pools and an async one for asyncio.
     """
 

@@ -15,7 +15,7 @@ since the script reads the stored state as plain JSON.
 On the asyncio pool, where hundreds of tasks finish on one event-loop thread, a task's write does not
 hold the loop for a round trip: it joins the writes of the other tasks that finished in the same loop
 iteration, and they go out as one pipeline once the iteration's callbacks have run. The pool waits for
-the write before it acks the task's message (``workers.bridge.defer``), so the order "result stored,
+the write before it acks the task's message (``loopline.concurrency.bridge.defer``), so the order "result stored,
 then acked" holds as before. A failed pipeline falls back to the one-by-one path with Celery's retries.
 """
 

@@ -7,7 +7,7 @@ Celery app: its settings come from that app's ``loopline_*`` configuration (:mod
 Celery's consumer stays on the main thread and hands each request to :meth:`TaskPool.on_apply`; the
 pool runs it on an event loop in a second thread. Async tasks (``async def`` bodies, and the
 loopline tasks' async bodies) run through Celery's own tracer inside a greenlet (see
-``workers.bridge``); sync tasks run in a bounded thread pool so they never block the loop.
+``loopline.concurrency.bridge``); sync tasks run in a bounded thread pool so they never block the loop.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Three gaps of ``kombu.transport.redis.Channel`` (kombu 5.7) are closed here:
 
 - **Loss on a crash.** ``BRPOP`` removes a message before the worker records it as unacked; see
-  ``deadletter.fetch``. Consumers whose queues are all acknowledged (every Celery task consumer) fetch
+  ``loopline.transport.fetch``. Consumers whose queues are all acknowledged (every Celery task consumer) fetch
   with the atomic pop instead, on Redis 6.2 and later; others keep kombu's ``BRPOP``.
 - **One bad entry stops the worker.** ``_brpop_read`` parses each entry with ``json.loads`` and builds a
   ``virtual.Message`` from it; an entry that is not JSON, or lacks ``properties``, raises out of the event

@@ -63,7 +63,7 @@ def profile_for(pool_cls: object, concurrency: int | None) -> PoolProfile:
         # 100 ms jobs that took it from about 75 % to about 90 % of the Little's-law limit).
         prefetch_multiplier=2 if pool == "asyncio" else 1,
         # With that second message per slot, the asyncio worker fetches once a quarter of its window is free,
-        # in one round trip for the lot (deadletter.transport); the others fetch as soon as a slot is free.
+        # in one round trip for the lot (loopline.transport.redis); the others fetch as soon as a slot is free.
         fetch_when_free=0.25 if pool == "asyncio" else 0.0,
         max_connections=max(MIN_CONNECTIONS, slots + CONNECTION_HEADROOM) if concurrent else MIN_CONNECTIONS,
         producer_pool_limit=max(10, min(slots, 64)),

@@ -24,7 +24,7 @@ def test_defaults_are_safe_for_io_jobs() -> None:
     assert conf.task_serializer == "json"
     assert conf.task_acks_late is True
     assert conf.task_reject_on_worker_lost is True
-    # The default limits are the tasks' own (tasks.base.LooplineTask.bind), not the pool's for every job.
+    # The default limits are the tasks' own (loopline.app.task.LooplineTask.bind), not the pool's for every job.
     assert conf.task_time_limit is None and conf.task_soft_time_limit is None
     assert (fetch_url.time_limit, fetch_url.soft_time_limit) == (settings.task_time_limit_s,
                                                                  settings.task_soft_time_limit_s)

@@ -1,4 +1,4 @@
-"""tasks.base: what a producer sees when Redis cannot be reached, and async enqueueing of one job."""
+"""loopline.app.task: what a producer sees when Redis cannot be reached, and async enqueueing of one job."""
 
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def test_poison_job_is_dead_lettered_after_max_deliveries_and_the_rest_run(
     (poison_id,) = ledger.enqueue(producer, queue, 1, HOLD_S, poison=True)
     ledger.enqueue(producer, queue, 6, HOLD_S)
     # One slot: a job prefetched behind the poison never starts in the worker the poison kills, so it is
-    # not counted against its own deliveries (see deadletter/deliveries.py).
+    # not counted against its own deliveries (see loopline/deadletter/deliveries.py).
     concurrency, env = (2, PREFORK_LIMITS) if pool == "prefork" else (1, {})
     worker = fleet.start(pool, concurrency, queue, **env)
     store = DeadLetterStore(broker)

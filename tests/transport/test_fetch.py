@@ -1,4 +1,4 @@
-"""The atomic fetch script (deadletter/fetch.py) against a real Redis: what it takes, in which order, and
+"""The atomic fetch script (loopline/transport/fetch.py) against a real Redis: what it takes, in which order, and
 how it records each message as unacked in the format kombu restores from."""
 
 from __future__ import annotations

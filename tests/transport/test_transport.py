@@ -1,4 +1,4 @@
-"""The Redis transport (deadletter/transport.py): with a real asyncio worker, messages are fetched and acked in
+"""The Redis transport (loopline/transport/redis.py): with a real asyncio worker, messages are fetched and acked in
 batches, counted by Redis itself, and every message ends acked; in process, against a Redis of the test's
 own that goes away and comes back, an ack is never lost and a close never restores an acked message."""
 
