@@ -13,6 +13,7 @@ from loopline.errors import BodyTooLarge, FetchFailed, GuardRefused
 from loopline.jobs.http_sync import CHUNK_BYTES, MAX_REDIRECTS, REDIRECT_CODES
 from loopline.jobs.specs import FetchRequest, FetchResult, WebhookRequest, now_s
 from loopline.jobs.urlguard import GuardedUrl, HostUnresolvable, UrlRefused, aresolve_and_check, check_url
+from loopline.politeness import http as polite
 
 __all__ = ["fetch", "post"]
 
@@ -41,11 +42,12 @@ async def fetch(req: FetchRequest) -> FetchResult:
     t0 = time.perf_counter()
     deadline = t0 + req.timeout_s
     url, method = req.url, req.method
-    for _ in range(MAX_REDIRECTS + 1):
+    for hop in range(MAX_REDIRECTS + 1):
         await _guard(url, req)
         try:
-            async with http_session().request(method, url, headers=req.headers, allow_redirects=False,
-                                              timeout=_timeout(deadline, req.url)) as response:
+            async with polite.request(http_session(), method, url, first=hop == 0, lease_s=req.timeout_s,
+                                      headers=req.headers, allow_redirects=False,
+                                      timeout=_timeout(deadline, req.url)) as response:
                 if response.status in REDIRECT_CODES and "location" in response.headers:
                     url = urljoin(url, response.headers["location"])
                     if response.status == 303 or (response.status in (301, 302) and method == "POST"):
@@ -76,8 +78,9 @@ async def post(req: WebhookRequest, body: bytes, headers: dict[str, str]) -> tup
     """POST one webhook attempt; returns (status, Retry-After header). No redirects."""
     await _guard(req.url, req)
     try:
-        async with http_session().post(req.url, data=body, headers=headers, allow_redirects=False,
-                                       timeout=aiohttp.ClientTimeout(total=req.timeout_s)) as response:
+        async with polite.request(http_session(), "POST", req.url, first=True, lease_s=req.timeout_s, data=body,
+                                  headers=headers, allow_redirects=False,
+                                  timeout=aiohttp.ClientTimeout(total=req.timeout_s)) as response:
             await response.read()
             return response.status, response.headers.get("retry-after")
     except (aiohttp.ClientError, TimeoutError) as exc:

@@ -12,6 +12,7 @@ import requests
 from loopline.errors import BodyTooLarge, FetchFailed, GuardRefused
 from loopline.jobs.specs import FetchRequest, FetchResult, WebhookRequest, now_s
 from loopline.jobs.urlguard import HostUnresolvable, UrlRefused, resolve_and_check
+from loopline.politeness import http as polite
 
 __all__ = ["CHUNK_BYTES", "MAX_REDIRECTS", "REDIRECT_CODES", "fetch", "post"]
 
@@ -37,12 +38,12 @@ def fetch(req: FetchRequest) -> FetchResult:
     t0 = time.perf_counter()
     deadline = t0 + req.timeout_s
     url, method = req.url, req.method
-    for _ in range(MAX_REDIRECTS + 1):
+    for hop in range(MAX_REDIRECTS + 1):
         _guard(url, req)
         try:
-            response = _session().request(
-                method, url, headers=req.headers, timeout=_remaining(deadline, req.url), allow_redirects=False,
-                stream=True,
+            response = polite.send(
+                _session(), method, url, first=hop == 0, lease_s=req.timeout_s,
+                headers=req.headers, timeout=_remaining(deadline, req.url), allow_redirects=False, stream=True,
             )
         except requests.RequestException as exc:
             raise FetchFailed(f"{method} {url} failed: {exc.__class__.__name__}: {exc}") from None
@@ -71,8 +72,8 @@ def post(req: WebhookRequest, body: bytes, headers: dict[str, str]) -> tuple[int
     """POST one webhook attempt; returns (status, Retry-After header). No redirects."""
     _guard(req.url, req)
     try:
-        with _session().post(req.url, data=body, headers=headers, timeout=req.timeout_s,
-                             allow_redirects=False) as response:
+        with polite.send(_session(), "POST", req.url, first=True, lease_s=req.timeout_s, data=body, headers=headers,
+                         timeout=req.timeout_s, allow_redirects=False) as response:
             return response.status_code, response.headers.get("retry-after")
     except requests.RequestException as exc:
         raise FetchFailed(f"POST {req.url} failed: {exc.__class__.__name__}: {exc}") from None

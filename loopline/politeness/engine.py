@@ -1,0 +1,185 @@
+"""The politeness engine of one process: its Redis clients, created lazily, and the cached rules and pauses.
+
+One engine per Celery app (its broker's Redis holds the rules). Every ``REFRESH_S`` it reads the rules, the
+paused hosts and Redis' clock in one pipelined round trip; in between a request for a host with no rule and no
+pause costs no round trip at all, so a deployment without rules pays nothing per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from loopline.politeness.keys import PAUSED_KEY, RULES_KEY
+from loopline.politeness.limiter import AsyncLimiter, Limiter
+from loopline.politeness.rules import Rule, RuleError
+
+__all__ = ["Engine", "PolitenessUnavailable", "Snapshot", "engine_for", "redis_url_of"]
+
+logger = logging.getLogger(__name__)
+
+#: how long a process trusts what it read about rules and pauses: rule changes reach it within this
+REFRESH_S = 1.0
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class PolitenessUnavailable(RuntimeError):
+    """The politeness engine cannot work: the broker is not Redis, or its Redis cannot be reached."""
+
+
+def redis_url_of(app: Any) -> str:
+    """The broker URL of ``app`` if it is Redis (rules live there); PolitenessUnavailable otherwise."""
+    url = app.conf.broker_url
+    if isinstance(url, str) and url.startswith(_REDIS_SCHEMES):
+        return url
+    from loopline.settings import redact_url
+
+    shown = redact_url(url) if isinstance(url, str) else repr(url)
+    raise PolitenessUnavailable(f"per-host limits live in the broker's Redis, but the broker is {shown}; "
+                                "use a redis:// (or rediss://, unix://) broker")
+
+
+@dataclass
+class Snapshot:
+    """What a process knows about rules and pauses, read at ``fetched_at`` (monotonic)."""
+
+    rules: dict[str, Rule] = field(default_factory=dict)
+    paused_until_ms: dict[str, float] = field(default_factory=dict)
+    clock_offset_ms: float = 0.0  # Redis' clock minus this process's wall clock
+    fetched_at: float = float("-inf")
+
+    def redis_now_ms(self) -> float:
+        return time.time() * 1000 + self.clock_offset_ms
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Engine:
+    """Rules, pauses and limiter clients for one broker, shared by every thread, greenlet and coroutine."""
+
+    def __init__(self, url: str, default: Rule | None = None) -> None:
+        self.url = url
+        self.default = default
+        self.snapshot = Snapshot()
+        self._pid = os.getpid()
+        self._client: redis.Redis | None = None
+        self._limiter: Limiter | None = None
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncLimiter] = (
+            weakref.WeakKeyDictionary())
+        self._lock = threading.Lock()
+
+    # -- clients: one sync client per process, one async client per event loop ---------------------------------
+
+    def limiter(self) -> Limiter:
+        if self._pid != os.getpid():  # a prefork child inherited the parent's engine: its sockets are not ours
+            self._pid, self._client, self._limiter, self._async = os.getpid(), None, None, weakref.WeakKeyDictionary()
+        if self._limiter is None:
+            with self._lock:
+                if self._limiter is None:
+                    self._client = redis.Redis.from_url(self.url, socket_timeout=10, health_check_interval=30)
+                    self._limiter = Limiter(self._client)
+        return self._limiter
+
+    def async_limiter(self) -> AsyncLimiter:
+        loop = asyncio.get_running_loop()
+        limiter = self._async.get(loop)
+        if limiter is None:
+            client = redis.asyncio.Redis.from_url(self.url, socket_timeout=10, health_check_interval=30)
+            limiter = self._async[loop] = AsyncLimiter(client)
+        return limiter
+
+    # -- the cached view ---------------------------------------------------------------------------------
+
+    def _stale(self) -> bool:
+        return time.monotonic() - self.snapshot.fetched_at >= REFRESH_S
+
+    def _apply(self, started_s: float, reply: list[Any]) -> None:
+        (seconds, micros), raw_rules, raw_paused = reply
+        rules: dict[str, Rule] = {}
+        for host, raw in raw_rules.items():
+            try:
+                rules[_text(host)] = Rule.from_json(raw)
+            except (RuleError, ValueError, TypeError) as exc:  # written by hand around the CLI: skip, say so
+                logger.error("ignoring the unreadable politeness rule for %s: %s", _text(host), exc)
+        self.snapshot = Snapshot(
+            rules=rules,
+            paused_until_ms={_text(h): float(v) for h, v in raw_paused.items()},
+            clock_offset_ms=(int(seconds) * 1000 + int(micros) / 1000) - started_s * 1000,
+            fetched_at=time.monotonic(),
+        )
+
+    def _failed(self, exc: Exception) -> None:
+        # Keep the last view and try again in a second; a request for a ruled host will say what is wrong.
+        self.snapshot.fetched_at = time.monotonic()
+        logger.warning("could not read the politeness rules from %s: %s", self.url, exc)
+
+    def refresh(self) -> Snapshot:
+        if self._stale():
+            self.snapshot.fetched_at = time.monotonic()  # one refresh at a time; the others use the last view
+            started = time.time()
+            try:
+                with self.limiter().client.pipeline(transaction=False) as pipe:
+                    pipe.time().hgetall(RULES_KEY).hgetall(PAUSED_KEY)
+                    self._apply(started, pipe.execute())
+            except redis.RedisError as exc:
+                self._failed(exc)
+        return self.snapshot
+
+    async def arefresh(self) -> Snapshot:
+        if self._stale():
+            self.snapshot.fetched_at = time.monotonic()
+            started = time.time()
+            try:
+                async with self.async_limiter().client.pipeline(transaction=False) as pipe:
+                    pipe.time().hgetall(RULES_KEY).hgetall(PAUSED_KEY)
+                    self._apply(started, await pipe.execute())
+            except redis.RedisError as exc:
+                self._failed(exc)
+        return self.snapshot
+
+    def rule_for(self, host: str, snapshot: Snapshot) -> Rule | None:
+        return snapshot.rules.get(host, self.default)
+
+    def needs_check(self, host: str, snapshot: Snapshot) -> bool:
+        """True when a request for ``host`` has to ask Redis: it has a rule, or it is (or may be) paused."""
+        return host in snapshot.rules or self.default is not None or host in snapshot.paused_until_ms
+
+    def note_pause(self, host: str, until_ms: float) -> None:
+        """Remember at once a pause this process caused, before the next refresh reads it back."""
+        if until_ms > self.snapshot.paused_until_ms.get(host, 0.0):
+            self.snapshot.paused_until_ms[host] = until_ms
+
+    def pause_left_s(self, host: str) -> float:
+        """Seconds until ``host``'s pause ends, as far as this process knows; 0 when it is not paused."""
+        until = self.snapshot.paused_until_ms.get(host)
+        if until is None:
+            return 0.0
+        return max(0.0, (until - self.snapshot.redis_now_ms()) / 1000)
+
+
+_engines: weakref.WeakKeyDictionary[Any, Engine] = weakref.WeakKeyDictionary()
+
+
+def engine_for(app: Any) -> Engine:
+    """The engine of Celery ``app``: its broker's Redis, its default rule from its loopline settings."""
+    engine = _engines.get(app)
+    if engine is None:
+        from loopline.settings import settings_for
+
+        settings = settings_for(app)
+        default = None
+        if settings.default_host_rate is not None or settings.default_host_concurrency:
+            default = Rule(rate=settings.default_host_rate, concurrency=settings.default_host_concurrency)
+        engine = _engines[app] = Engine(redis_url_of(app), default)
+    return engine
