@@ -17,7 +17,6 @@ from loopline.app.task import IOTask
 from loopline.errors import FetchFailed, GuardRefused, WebhookRejected
 from loopline.jobs import http_async, http_sync
 from loopline.jobs.specs import FetchRequest, SleepRequest, WebhookRequest, WebhookResult, now_s
-from loopline.politeness import deferring, retry_when_paused
 from loopline.jobs.webhook_policy import (
     Verdict,
     encode_payload,
@@ -26,6 +25,7 @@ from loopline.jobs.webhook_policy import (
     signature_headers,
     verdict_for_status,
 )
+from loopline.politeness import deferring, retry_when_paused
 from loopline.settings import settings_for
 
 __all__ = ["deliver_webhook", "fetch_url", "io_sleep"]

@@ -1,4 +1,4 @@
-"""Back-off from the remote side: ``fetch_url`` tries again after a 429/503 paused the host, a bounded number of times."""
+"""Back-off from the remote side: ``fetch_url`` tries again, a bounded number of times, once a 429/503 pause ends."""
 
 from __future__ import annotations
 

@@ -78,20 +78,29 @@ class Engine:
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncLimiter] = (
             weakref.WeakKeyDictionary())
         self._lock = threading.Lock()
+        self._client_lock = threading.Lock()
+        self._async_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary())
 
     # -- clients: one sync client per process, one async client per event loop ---------------------------------
 
     def limiter(self) -> Limiter:
-        if self._pid != os.getpid():  # a prefork child inherited the parent's engine: its sockets are not ours
-            self._pid, self._client, self._limiter, self._async = os.getpid(), None, None, weakref.WeakKeyDictionary()
+        self._after_fork()
         if self._limiter is None:
-            with self._lock:
+            with self._client_lock:
                 if self._limiter is None:
                     self._client = redis.Redis.from_url(self.url, socket_timeout=10, health_check_interval=30)
                     self._limiter = Limiter(self._client)
         return self._limiter
 
+    def _after_fork(self) -> None:
+        if self._pid != os.getpid():  # a prefork child inherited the parent's engine: its sockets are not ours
+            self._pid, self._client, self._limiter = os.getpid(), None, None
+            self._async, self._async_locks = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
+            self._lock, self._client_lock = threading.Lock(), threading.Lock()
+
     def async_limiter(self) -> AsyncLimiter:
+        self._after_fork()
         loop = asyncio.get_running_loop()
         limiter = self._async.get(loop)
         if limiter is None:
@@ -126,26 +135,34 @@ class Engine:
 
     def refresh(self) -> Snapshot:
         if self._stale():
-            self.snapshot.fetched_at = time.monotonic()  # one refresh at a time; the others use the last view
-            started = time.time()
-            try:
-                with self.limiter().client.pipeline(transaction=False) as pipe:
-                    pipe.time().hgetall(RULES_KEY).hgetall(PAUSED_KEY)
-                    self._apply(started, pipe.execute())
-            except redis.RedisError as exc:
-                self._failed(exc)
+            # One refresh at a time; the others wait for it rather than act on an old (or the empty first) view.
+            with self._lock:
+                if self._stale():
+                    started = time.time()
+                    try:
+                        with self.limiter().client.pipeline(transaction=False) as pipe:
+                            pipe.time()
+                            pipe.hgetall(RULES_KEY)
+                            pipe.hgetall(PAUSED_KEY)
+                            self._apply(started, pipe.execute())
+                    except redis.RedisError as exc:
+                        self._failed(exc)
         return self.snapshot
 
     async def arefresh(self) -> Snapshot:
         if self._stale():
-            self.snapshot.fetched_at = time.monotonic()
-            started = time.time()
-            try:
-                async with self.async_limiter().client.pipeline(transaction=False) as pipe:
-                    pipe.time().hgetall(RULES_KEY).hgetall(PAUSED_KEY)
-                    self._apply(started, await pipe.execute())
-            except redis.RedisError as exc:
-                self._failed(exc)
+            limiter = self.async_limiter()
+            async with self._async_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock()):
+                if self._stale():
+                    started = time.time()
+                    try:
+                        async with limiter.client.pipeline(transaction=False) as pipe:
+                            pipe.time()
+                            pipe.hgetall(RULES_KEY)
+                            pipe.hgetall(PAUSED_KEY)
+                            self._apply(started, await pipe.execute())
+                    except redis.RedisError as exc:
+                        self._failed(exc)
         return self.snapshot
 
     def rule_for(self, host: str, snapshot: Snapshot) -> Rule | None:

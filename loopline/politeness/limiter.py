@@ -15,7 +15,6 @@ Tests pass ``now_ms`` explicitly; production leaves it out and the script reads 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,8 +98,8 @@ end
 local spacing = math.max(interval, {MIN_SPACING_MS})
 if conc > 0 then spacing = math.max(spacing, lat / conc) end
 local due
-if mine and mine >= now + wait then
-  due = mine
+if mine and mine + spacing > now + wait then  -- back early, or its slot went only a moment ago: keeps its place
+  due = math.max(mine, now + wait)
 else
   due = math.max(now + wait, qtail + spacing)
   redis.call('HSET', KEYS[1], 'qtail', string.format('%.3f', due))
@@ -160,6 +159,10 @@ class Decision:
     in_flight: int = 0
 
 
+def _opt(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
 def _acquire_call(host: str, rule: Rule | None, lease_id: str, lease_ttl_ms: float, job_id: str,
                   now_ms: float | None) -> tuple[list[str], list[Any]]:
     interval = rule.interval_ms if rule is not None else 0.0
@@ -167,15 +170,14 @@ def _acquire_call(host: str, rule: Rule | None, lease_id: str, lease_ttl_ms: flo
     concurrency = rule.concurrency if rule is not None else 0
     keys = [host_key(host), leases_key(host), waiting_key(host), PAUSED_KEY, HOSTS_KEY]
     args = [host, repr(interval), repr(tau), concurrency, lease_id, repr(float(lease_ttl_ms)), job_id,
-            "" if now_ms is None else repr(float(now_ms))]
+            _opt(now_ms)]
     return keys, args
 
 
 def _release_call(host: str, lease_id: str, elapsed_ms: float | None, status: int, retry_after_ms: float | None,
                   now_ms: float | None) -> tuple[list[str], list[Any]]:
     keys = [host_key(host), leases_key(host), PAUSED_KEY]
-    args = [host, lease_id, "" if elapsed_ms is None else repr(float(elapsed_ms)), status,
-            "" if retry_after_ms is None else repr(float(retry_after_ms)), "" if now_ms is None else repr(float(now_ms))]
+    args = [host, lease_id, _opt(elapsed_ms), status, _opt(retry_after_ms), _opt(now_ms)]
     return keys, args
 
 
@@ -223,7 +225,3 @@ class AsyncLimiter:
                       retry_after_ms: float | None = None, now_ms: float | None = None) -> float:
         keys, args = _release_call(host, lease_id, elapsed_ms, status, retry_after_ms, now_ms)
         return float(await self._release(keys=keys, args=args))
-
-
-def ceil_ms(seconds: float) -> int:
-    return math.ceil(seconds * 1000)

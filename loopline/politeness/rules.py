@@ -16,6 +16,9 @@ __all__ = ["PERIODS_S", "Rule", "RuleError", "RuleStore", "host_of", "parse_rate
 PERIODS_S = {"s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_BURST = 10_000
 MAX_CONCURRENCY = 100_000
+#: the rule holds as the remote side counts, with up to this much between a request's turn and its arrival
+#: (a busy worker, the network): requests are spaced over period + allowance, so N/s runs at >= 90 % of N/s
+ARRIVAL_ALLOWANCE_MS = 100.0
 _RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*")
 _HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?|\[?[0-9a-f:.]+\]?")
 
@@ -68,15 +71,11 @@ class Rule:
 
     @property
     def interval_ms(self) -> float:
-        """Milliseconds between two requests at the steady rate; 0 without a rate."""
+        """Milliseconds between two requests at the steady rate (see ARRIVAL_ALLOWANCE_MS); 0 without a rate."""
         if self.rate is None:
             return 0.0
         count, unit = parse_rate(self.rate)
-        return PERIODS_S[unit] * 1000 / count
-
-    @property
-    def per_s(self) -> float | None:
-        return None if self.rate is None else 1000 / self.interval_ms
+        return (PERIODS_S[unit] * 1000 + ARRIVAL_ALLOWANCE_MS) / count
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
