@@ -3,7 +3,6 @@ several loopback addresses (each one a "host") and records when each request arr
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -95,8 +94,9 @@ def test_an_unlimited_host_is_not_held_up_by_a_limited_backlog(
     # Had the 100 waiting jobs held the 40 slots, the free host's jobs would have run only once all but 40 of
     # the backlog were done; instead they ran while nearly all of it still waited.
     assert len(seen[HOSTS[2]]) == 40
-    assert len(seen.get(HOSTS[1], [])) < 20
-    assert max(seen[HOSTS[2]]) < sorted(seen.get(HOSTS[1], []) + [float("inf")] * 20)[19]
+    limited = seen.get(HOSTS[1], [])
+    assert len(limited) < 20
+    assert len([t for t in limited if t < max(seen[HOSTS[2]])]) < 20
     for result in backlog:
         result.revoke()
 
@@ -178,7 +178,3 @@ def test_a_rule_changed_while_workers_run_applies_within_a_second_or_so(
     free = wait_all([fetch_url.apply_async((url(HOSTS[1], f"/job?n=free{n}"),), queue=queue) for n in range(30)])
     assert all(r["status"] == 200 for r in free)
     assert peak_per_second(arrivals(url)[HOSTS[1]][33:]) > 10 + 100 / 100  # no limit at all now
-
-
-def test_sigkill_constant_is_what_kill_tree_sends() -> None:
-    assert signal.SIGKILL.value == 9
