@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 DEFER_HEADER = "loopline_deferrals"
 #: a deferred job comes back at least this often, so a rule change reaches even a long backlog
 DEFER_MAX_S = 30.0
+#: a deferred job comes back this much before it is due and waits the rest in its slot: a trip through the
+#: broker (publish, fetch, the worker's ETA timer) is late by tens of milliseconds, and a late job is a lost turn
+EARLY_S = 0.1
 
 
 def deferrals(request: Any) -> int:
@@ -37,7 +40,7 @@ def deferrals(request: Any) -> int:
 def defer(task: Any, not_due: HostNotDue) -> None:
     """Send ``task``'s job again for when its host is due, then end this delivery (raises Ignore)."""
     request = task.request
-    countdown_s = min(not_due.wait_ms / 1000, DEFER_MAX_S)
+    countdown_s = min(max(not_due.wait_ms / 1000 - EARLY_S, 0.0), DEFER_MAX_S)
     headers = {**(request.headers or {}), DEFER_HEADER: deferrals(request) + 1}
     # Task.retry's own path (celery.app.task.Task.retry -> signature_from_request), minus the retry count.
     task.signature_from_request(request, countdown=countdown_s, headers=headers).apply_async()

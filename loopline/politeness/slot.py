@@ -28,8 +28,9 @@ __all__ = ["HostNotDue", "HostSlot", "LEASE_MARGIN_S", "SHORT_WAIT_MS", "host_sl
 
 logger = logging.getLogger(__name__)
 
-#: a host due within this long is waited for in place: cheaper than a trip through the broker
-SHORT_WAIT_MS = 100
+#: a host due within this long is waited for in place: cheaper than a trip through the broker (and more than
+#: the head start a deferred job comes back with, ``defer.EARLY_S``)
+SHORT_WAIT_MS = 150
 #: the longest single sleep of a slot waiting in place; it asks again after
 MAX_POLL_S = 1.0
 #: a lease outlives its request's timeout by this much, then expires (a killed worker's lease)
