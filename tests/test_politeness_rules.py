@@ -3,6 +3,7 @@ cache that spares a deployment without rules any Redis round trip per request.""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 
@@ -13,7 +14,7 @@ from celery import Celery
 from loopline.politeness import Rule, RuleError, RuleStore, host_of, host_slot, parse_rate
 from loopline.politeness import engine as engine_module
 from loopline.politeness.engine import PolitenessUnavailable, engine_for, redis_url_of
-from loopline.politeness.keys import PREFIX
+from loopline.politeness.keys import PREFIX, waiting_key
 from loopline.settings import ConfigError, Settings
 
 
@@ -98,6 +99,7 @@ def app(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Celery]:
     monkeypatch.setattr(engine_module, "REFRESH_S", 3600.0)  # counted here: round trips per request, not per second
     app = Celery("politeness-test", broker=redis_url, set_as_current=False)
     yield app
+    engine_for(app).close()
     app.close()
 
 
@@ -132,3 +134,48 @@ def test_a_rule_is_seen_at_the_next_refresh_and_then_costs_one_call_per_request(
 def _script_calls(client: redis.Redis) -> int:
     stats = client.info("commandstats")
     return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval"))
+
+
+def test_with_a_broker_that_is_not_redis_requests_go_free_unless_a_default_rule_asks_for_limits() -> None:
+    plain = Celery("politeness-amqp", broker="amqp://guest@127.0.0.1:9//", set_as_current=False)
+    with host_slot("http://example.com/", app=plain):  # nothing to connect to, and nothing tried
+        pass
+    limited = Celery("politeness-amqp-limited", broker="amqp://guest@127.0.0.1:9//", set_as_current=False)
+    limited.conf.loopline_default_host_rate = "5/s"
+    with pytest.raises(PolitenessUnavailable, match="but the broker is amqp://"), host_slot("http://example.com/",
+                                                                                           app=limited):
+        pass
+    plain.close()
+    limited.close()
+
+
+def test_the_async_slot_holds_a_concurrency_lease_until_it_is_left(
+        app: Celery, store: RuleStore, redis_client: redis.Redis) -> None:
+    host = f"h{uuid.uuid4().hex[:6]}.test"
+    store.set(host, Rule(concurrency=1))
+
+    async def scenario() -> None:
+        first_in, second_in, release_first = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def first() -> None:
+            async with host_slot(f"http://{host}/a", app=app):
+                first_in.set()
+                await release_first.wait()
+
+        async def second() -> None:
+            await first_in.wait()
+            async with host_slot(f"http://{host}/b", app=app):
+                second_in.set()
+
+        tasks = [asyncio.create_task(first()), asyncio.create_task(second())]
+        for _ in range(1000):  # until the second slot has been told to wait (a state, not a time)
+            if redis_client.zcard(waiting_key(host)) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert redis_client.zcard(waiting_key(host)) == 1 and not second_in.is_set()
+        release_first.set()
+        await asyncio.gather(*tasks)
+        assert second_in.is_set()
+        await engine_for(app).aclose()
+
+    asyncio.run(scenario())

@@ -66,9 +66,12 @@ def _text(value: str | bytes) -> str:
 
 
 class Engine:
-    """Rules, pauses and limiter clients for one broker, shared by every thread, greenlet and coroutine."""
+    """Rules, pauses and limiter clients for one broker, shared by every thread, greenlet and coroutine.
 
-    def __init__(self, url: str, default: Rule | None = None) -> None:
+    ``url`` None: the broker is not Redis, so there can be no rules; every slot is free.
+    """
+
+    def __init__(self, url: str | None, default: Rule | None = None) -> None:
         self.url = url
         self.default = default
         self.snapshot = Snapshot()
@@ -86,6 +89,8 @@ class Engine:
 
     def limiter(self) -> Limiter:
         self._after_fork()
+        if self.url is None:
+            raise PolitenessUnavailable("per-host limits need a Redis broker")
         if self._limiter is None:
             with self._client_lock:
                 if self._limiter is None:
@@ -104,13 +109,29 @@ class Engine:
         loop = asyncio.get_running_loop()
         limiter = self._async.get(loop)
         if limiter is None:
+            if self.url is None:
+                raise PolitenessUnavailable("per-host limits need a Redis broker")
             client = redis.asyncio.Redis.from_url(self.url, socket_timeout=10, health_check_interval=30)
             limiter = self._async[loop] = AsyncLimiter(client)
         return limiter
 
+    def close(self) -> None:
+        """Close the sync client (made again if the engine is used after)."""
+        client, self._client, self._limiter = self._client, None, None
+        if client is not None:
+            client.close()
+
+    async def aclose(self) -> None:
+        """Close the async client of the running loop: before that loop closes, or its sockets are leaked."""
+        limiter = self._async.pop(asyncio.get_running_loop(), None)
+        if limiter is not None:
+            await limiter.client.aclose()
+
     # -- the cached view ---------------------------------------------------------------------------------
 
     def _stale(self) -> bool:
+        if self.url is None:
+            return False
         return time.monotonic() - self.snapshot.fetched_at >= REFRESH_S
 
     def _apply(self, started_s: float, reply: list[Any]) -> None:
@@ -170,6 +191,8 @@ class Engine:
 
     def needs_check(self, host: str, snapshot: Snapshot) -> bool:
         """True when a request for ``host`` has to ask Redis: it has a rule, or it is (or may be) paused."""
+        if self.url is None:
+            return False
         return host in snapshot.rules or self.default is not None or host in snapshot.paused_until_ms
 
     def note_pause(self, host: str, until_ms: float) -> None:
@@ -189,7 +212,11 @@ _engines: weakref.WeakKeyDictionary[Any, Engine] = weakref.WeakKeyDictionary()
 
 
 def engine_for(app: Any) -> Engine:
-    """The engine of Celery ``app``: its broker's Redis, its default rule from its loopline settings."""
+    """The engine of Celery ``app``: its broker's Redis, its default rule from its loopline settings.
+
+    With a broker that is not Redis there are no rules and every request goes free, unless a default rule is
+    configured: then PolitenessUnavailable says why it cannot be kept.
+    """
     engine = _engines.get(app)
     if engine is None:
         from loopline.settings import settings_for
@@ -198,5 +225,11 @@ def engine_for(app: Any) -> Engine:
         default = None
         if settings.default_host_rate is not None or settings.default_host_concurrency:
             default = Rule(rate=settings.default_host_rate, concurrency=settings.default_host_concurrency)
-        engine = _engines[app] = Engine(redis_url_of(app), default)
+        try:
+            url: str | None = redis_url_of(app)
+        except PolitenessUnavailable:
+            if default is not None:
+                raise
+            url = None
+        engine = _engines[app] = Engine(url, default)
     return engine

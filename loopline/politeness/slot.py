@@ -108,7 +108,7 @@ class HostSlot:
     def _unavailable(self, exc: Exception) -> PolitenessUnavailable:
         from loopline.settings import redact_url
 
-        where = redact_url(self._engine.url) if self._engine is not None else "?"
+        where = redact_url(self._engine.url) if self._engine is not None and self._engine.url else "?"
         return PolitenessUnavailable(f"cannot check the limits of {self.host} at {where}: {type(exc).__name__}: {exc}")
 
     # -- sync --------------------------------------------------------------------------------------------
