@@ -179,3 +179,23 @@ def test_the_async_slot_holds_a_concurrency_lease_until_it_is_left(
         await engine_for(app).aclose()
 
     asyncio.run(scenario())
+
+
+def test_hundreds_of_coroutines_share_the_clients_connections_and_wait_for_one(
+        app: Celery, store: RuleStore) -> None:
+    host = f"h{uuid.uuid4().hex[:6]}.test"
+    store.set(host, Rule(rate="1000000/s", burst=1000))
+    entered = 0
+
+    async def one() -> None:
+        nonlocal entered
+        async with host_slot(f"http://{host}/x", app=app):
+            entered += 1
+
+    async def scenario() -> None:
+        await one()  # the rules are read: from here on every slot goes straight to its script call
+        await asyncio.gather(*(one() for _ in range(600)))
+        await engine_for(app).aclose()
+
+    asyncio.run(scenario())
+    assert entered == 601

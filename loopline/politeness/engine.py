@@ -29,6 +29,12 @@ logger = logging.getLogger(__name__)
 
 #: how long a process trusts what it read about rules and pauses: rule changes reach it within this
 REFRESH_S = 1.0
+#: Redis connections per client (one sync client per process, one async client per event loop): hundreds of
+#: greenlets or coroutines share them, each holding one only for its script call, and wait for a free one
+#: rather than fail (redis-py's default pools raise MaxConnectionsError once they are exhausted)
+MAX_CONNECTIONS = 32
+POOL_WAIT_S = 10.0
+SOCKET_TIMEOUT_S = 10.0
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -94,7 +100,9 @@ class Engine:
         if self._limiter is None:
             with self._client_lock:
                 if self._limiter is None:
-                    self._client = redis.Redis.from_url(self.url, socket_timeout=10, health_check_interval=30)
+                    self._client = redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(
+                        self.url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_S,
+                        socket_timeout=SOCKET_TIMEOUT_S, health_check_interval=30))
                     self._limiter = Limiter(self._client)
         return self._limiter
 
@@ -111,7 +119,9 @@ class Engine:
         if limiter is None:
             if self.url is None:
                 raise PolitenessUnavailable("per-host limits need a Redis broker")
-            client = redis.asyncio.Redis.from_url(self.url, socket_timeout=10, health_check_interval=30)
+            client = redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(
+                self.url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_S, socket_timeout=SOCKET_TIMEOUT_S,
+                health_check_interval=30))
             limiter = self._async[loop] = AsyncLimiter(client)
         return limiter
 
