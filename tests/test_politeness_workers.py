@@ -181,3 +181,28 @@ def test_a_rule_changed_while_workers_run_applies_within_a_second_or_so(
     free = wait_all([fetch_url.apply_async((url(HOSTS[1], f"/job?n=free{n}"),), queue=queue) for n in range(30)])
     assert all(r["status"] == 200 for r in free)
     assert peak_per_second(arrivals(url)[HOSTS[1]][33:]) > 10 + 100 / 100  # no limit at all now
+
+
+#: a short visibility timeout, so that the jobs a killed worker held come back within the test
+FAST_RESTORE_ENV = {"LOOPLINE_VISIBILITY_TIMEOUT_S": "20", "LOOPLINE_TASK_TIME_LIMIT_S": "10",
+                    "LOOPLINE_TASK_SOFT_TIME_LIMIT_S": "8", "LOOPLINE_WEBHOOK_BACKOFF_MAX_S": "5",
+                    "LOOPLINE_RESTORE_INTERVAL_S": "1"}
+
+
+@pytest.mark.timeout(240)
+def test_no_deferred_job_is_lost_when_a_worker_is_killed_among_them(
+        worker: Callable[..., Child], queue: str, url: Callable[[str, str], str], rules: RuleStore) -> None:
+    rules.set(HOSTS[1], Rule(rate="5/s"))
+    doomed = worker("gevent", SLOTS, env=FAST_RESTORE_ENV)
+    worker("asyncio", SLOTS, env=FAST_RESTORE_ENV)
+    jobs = [fetch_url.apply_async((url(HOSTS[1], f"/job?n={n}"),), queue=queue) for n in range(30)]
+    deadline = time.monotonic() + 60
+    while len(arrivals(url).get(HOSTS[1], [])) < 5:  # both workers hold deferred jobs by now
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    doomed.kill_tree()
+
+    results = wait_all(jobs)
+
+    assert all(r["status"] == 200 for r in results)
+    assert {r["url"] for r in results} == {url(HOSTS[1], f"/job?n={n}") for n in range(30)}

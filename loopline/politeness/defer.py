@@ -39,8 +39,12 @@ def deferrals(request: Any) -> int:
 
 def defer(task: Any, not_due: HostNotDue) -> None:
     """Send ``task``'s job again for when its host is due, then end this delivery (raises Ignore)."""
+    from loopline.settings import settings_for
+
     request = task.request
-    countdown_s = min(max(not_due.wait_ms / 1000 - EARLY_S, 0.0), DEFER_MAX_S)
+    # An ETA message waits unacked in a worker; past the visibility timeout Redis would hand it out again.
+    longest_s = min(DEFER_MAX_S, settings_for(task.app).visibility_timeout_s / 2)
+    countdown_s = min(max(not_due.wait_ms / 1000 - EARLY_S, 0.0), longest_s)
     headers = {**(request.headers or {}), DEFER_HEADER: deferrals(request) + 1}
     # Task.retry's own path (celery.app.task.Task.retry -> signature_from_request), minus the retry count.
     task.signature_from_request(request, countdown=countdown_s, headers=headers).apply_async()
