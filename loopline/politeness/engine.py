@@ -32,7 +32,7 @@ REFRESH_S = 1.0
 #: Redis connections per client (one sync client per process, one async client per event loop): hundreds of
 #: greenlets or coroutines share them, each holding one only for its script call, and wait for a free one
 #: rather than fail (redis-py's default pools raise MaxConnectionsError once they are exhausted)
-MAX_CONNECTIONS = 32
+MAX_CONNECTIONS = 128
 POOL_WAIT_S = 10.0
 SOCKET_TIMEOUT_S = 10.0
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")

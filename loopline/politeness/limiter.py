@@ -32,7 +32,6 @@ STALE_MS = 30_000
 STATE_TTL_MS = 3_600_000
 #: latency assumed for a host until one is measured (spaces concurrency waiters)
 DEFAULT_LATENCY_MS = 100
-MIN_SPACING_MS = 1
 #: repeated 429s without Retry-After within this window double the host's pause
 STRIKE_WINDOW_MS = 60_000
 BACKOFF_BASE_MS = 1_000
@@ -95,7 +94,7 @@ if reason == '' then
   redis.call('PEXPIRE', KEYS[1], {STATE_TTL_MS})
   return {{1, inflight + 1}}
 end
-local spacing = math.max(interval, {MIN_SPACING_MS})
+local spacing = interval
 if conc > 0 then spacing = math.max(spacing, lat / conc) end
 local due
 if mine and mine + spacing > now + wait then  -- back early, or its slot went only a moment ago: keeps its place
