@@ -88,7 +88,7 @@ class Engine:
             weakref.WeakKeyDictionary())
         self._lock = threading.Lock()
         self._client_lock = threading.Lock()
-        self._async_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+        self._refreshing: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Event] = (
             weakref.WeakKeyDictionary())
 
     # -- clients: one sync client per process, one async client per event loop ---------------------------------
@@ -109,7 +109,7 @@ class Engine:
     def _after_fork(self) -> None:
         if self._pid != os.getpid():  # a prefork child inherited the parent's engine: its sockets are not ours
             self._pid, self._client, self._limiter = os.getpid(), None, None
-            self._async, self._async_locks = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
+            self._async, self._refreshing = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
             self._lock, self._client_lock = threading.Lock(), threading.Lock()
 
     def async_limiter(self) -> AsyncLimiter:
@@ -165,9 +165,11 @@ class Engine:
         logger.warning("could not read the politeness rules from %s: %s", self.url, exc)
 
     def refresh(self) -> Snapshot:
-        if self._stale():
-            # One refresh at a time; the others wait for it rather than act on an old (or the empty first) view.
-            with self._lock:
+        """The view, read again when it is a second old: by one caller; the others go on with the old view
+        meanwhile (waiting for it would queue every request behind one round trip), except before the first
+        read, when there is no view to go on with."""
+        if self._stale() and self._lock.acquire(blocking=self._never_read()):
+            try:
                 if self._stale():
                     started = time.time()
                     try:
@@ -178,23 +180,37 @@ class Engine:
                             self._apply(started, pipe.execute())
                     except redis.RedisError as exc:
                         self._failed(exc)
+            finally:
+                self._lock.release()
         return self.snapshot
 
     async def arefresh(self) -> Snapshot:
-        if self._stale():
-            limiter = self.async_limiter()
-            async with self._async_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock()):
-                if self._stale():
-                    started = time.time()
-                    try:
-                        async with limiter.client.pipeline(transaction=False) as pipe:
-                            pipe.time()
-                            pipe.hgetall(RULES_KEY)
-                            pipe.hgetall(PAUSED_KEY)
-                            self._apply(started, await pipe.execute())
-                    except redis.RedisError as exc:
-                        self._failed(exc)
+        """:meth:`refresh` on an event loop. The others wait on an Event, woken together (an asyncio.Lock would
+        hand itself on one waiter per loop iteration: seconds, with hundreds of coroutines on a busy loop)."""
+        if not self._stale():
+            return self.snapshot
+        loop = asyncio.get_running_loop()
+        done = self._refreshing.get(loop)
+        if done is None:
+            done = self._refreshing[loop] = asyncio.Event()
+            try:
+                started = time.time()
+                async with self.async_limiter().client.pipeline(transaction=False) as pipe:
+                    pipe.time()
+                    pipe.hgetall(RULES_KEY)
+                    pipe.hgetall(PAUSED_KEY)
+                    self._apply(started, await pipe.execute())
+            except redis.RedisError as exc:
+                self._failed(exc)
+            finally:
+                del self._refreshing[loop]
+                done.set()
+        elif self._never_read():
+            await done.wait()
         return self.snapshot
+
+    def _never_read(self) -> bool:
+        return self.snapshot.fetched_at == float("-inf")
 
     def rule_for(self, host: str, snapshot: Snapshot) -> Rule | None:
         return snapshot.rules.get(host, self.default)
