@@ -73,6 +73,9 @@ class Settings:
     redis_socket_timeout_s: float = 30.0
     event_flush_ms: float = 100.0
     task_log: bool = True
+    default_host_rate: str | None = None
+    default_host_concurrency: int = 0
+    fetch_max_retries: int = 3
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -165,6 +168,21 @@ class Settings:
                 raise ConfigError(f"{_env_name('flower_auth')} must look like user:password, both non-empty")
         for entry in self.url_allowlist:
             _check_allow_entry(entry)
+        self._check_politeness()
+
+    def _check_politeness(self) -> None:
+        from loopline.politeness.rules import RuleError, parse_rate
+
+        if self.default_host_rate is not None:
+            try:
+                parse_rate(self.default_host_rate)
+            except RuleError as exc:
+                raise ConfigError(f"{_env_name('default_host_rate')}: {exc}") from None
+        if self.default_host_concurrency < 0:
+            raise ConfigError(f"{_env_name('default_host_concurrency')} must be >= 0 (0: no cap), "
+                              f"got {self.default_host_concurrency!r}")
+        if self.fetch_max_retries < 0:
+            raise ConfigError(f"{_env_name('fetch_max_retries')} must be >= 0, got {self.fetch_max_retries!r}")
 
 
 

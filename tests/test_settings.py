@@ -35,6 +35,9 @@ GOOD_ENV = {
     "LOOPLINE_ASYNCIO_SYNC_THREADS": "4",
     "LOOPLINE_ASYNCIO_SHUTDOWN_GRACE_S": "0",
     "LOOPLINE_ASYNCIO_BLOCKING_MS": "12.5",
+    "LOOPLINE_DEFAULT_HOST_RATE": "300/m",
+    "LOOPLINE_DEFAULT_HOST_CONCURRENCY": "8",
+    "LOOPLINE_FETCH_MAX_RETRIES": "1",
 }
 PARSED = {
     "max_deliveries": 3,
@@ -61,6 +64,9 @@ PARSED = {
     "asyncio_sync_threads": 4,
     "asyncio_shutdown_grace_s": 0.0,
     "asyncio_blocking_ms": 12.5,
+    "default_host_rate": "300/m",
+    "default_host_concurrency": 8,
+    "fetch_max_retries": 1,
 }
 
 

@@ -22,17 +22,30 @@ class Workload:
     jitter_ms: float = 0.0
     error_rate: float = 0.0
     payload_bytes: int = 256
+    #: jobs go round-robin to this many hosts, 127.0.0.1 ... 127.0.0.N (the target listens on each)
+    hosts: int = 1
+    #: a per-host rule (N/s, N/m, N/h) for every host but 127.0.0.1 while the bench runs; None: no rules
+    host_rate: str | None = None
+
+    def _base_url(self, index: int) -> str:
+        if self.hosts == 1:
+            return self.target_url
+        return self.target_url.replace("://127.0.0.1:", f"://127.0.0.{index % self.hosts + 1}:", 1)
 
     def call(self, index: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if self.task == "io_sleep":
             return (self.latency_ms,), {}
         if self.task == "deliver_webhook":
-            return (f"{self.target_url}/job", {"n": index}), {}
-        return (f"{self.target_url}/job",), {}
+            return (f"{self._base_url(index)}/job", {"n": index}), {}
+        return (f"{self._base_url(index)}/job",), {}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "jobs": self.jobs, "latency_ms": self.latency_ms, "jitter_ms": self.jitter_ms,
-                "error_rate": self.error_rate, "payload_bytes": self.payload_bytes}
+        data: dict[str, Any] = {"task": self.task, "jobs": self.jobs, "latency_ms": self.latency_ms,
+                                "jitter_ms": self.jitter_ms, "error_rate": self.error_rate,
+                                "payload_bytes": self.payload_bytes}
+        if self.hosts > 1:
+            data.update(hosts=self.hosts, host_rate=self.host_rate)
+        return data
 
 
 @dataclass(frozen=True)

@@ -130,10 +130,14 @@ def spawn(name: str, argv: Sequence[str], log_path: Path | None, env: Mapping[st
 
 
 def start_target(latency_ms: float = 0.0, *, jitter_ms: float = 0.0, error_rate: float = 0.0,
-                 payload_bytes: int = 256, log_path: Path | None = None) -> tuple[Child, str]:
-    """Start ``bench.target`` on a free loopback port; returns the child and its base URL."""
+                 payload_bytes: int = 256, log_path: Path | None = None,
+                 addresses: Sequence[str] = ("127.0.0.1",)) -> tuple[Child, str]:
+    """Start ``bench.target`` on a free loopback port; returns the child and its base URL (the first address).
+
+    With several ``addresses`` it listens on each, same port: swap the address in the URL for another host."""
     argv = [sys.executable, "-m", "loopline.bench.target", "--port", "0", "--latency-ms", str(latency_ms),
-            "--jitter-ms", str(jitter_ms), "--error-rate", str(error_rate), "--payload-bytes", str(payload_bytes)]
+            "--jitter-ms", str(jitter_ms), "--error-rate", str(error_rate), "--payload-bytes", str(payload_bytes),
+            *(arg for address in addresses for arg in ("--address", address))]
     child = spawn("target", argv, log_path, None, stdout_pipe=True)
     assert child.popen.stdout is not None
     line = child.popen.stdout.readline()
@@ -143,7 +147,7 @@ def start_target(latency_ms: float = 0.0, *, jitter_ms: float = 0.0, error_rate:
     except (ValueError, KeyError):
         child.stop(grace_s=1)
         raise ChildFailed(f"the HTTP target did not start: {line!r}\n{child.log_text()[-2000:]}") from None
-    return child, f"http://127.0.0.1:{port}"
+    return child, f"http://{addresses[0]}:{port}"
 
 
 def start_worker(pool: str, concurrency: int, *, queues: Sequence[str] = (), log_path: Path | None = None,

@@ -206,6 +206,14 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+# -- limits -----------------------------------------------------------------------------------------------
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    from loopline.cli.limits import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; tests and the docker-compose check parse commands with it."""
     parser = argparse.ArgumentParser(
@@ -304,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_dlq_arguments(p)
     add_app_argument(p)
     p.set_defaults(func=cmd_dlq)
+
+    from loopline.cli.limits import DESCRIPTION as LIMITS_DESCRIPTION
+    from loopline.cli.limits import add_limits_arguments
+
+    p = sub.add_parser("limits", help="set, list or clear per-host rate and concurrency limits",
+                       description=LIMITS_DESCRIPTION)
+    add_limits_arguments(p)
+    add_app_argument(p)
+    p.set_defaults(func=cmd_limits)
     return parser
 
 

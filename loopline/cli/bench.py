@@ -77,6 +77,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run each pool on a plain Celery app (Celery's defaults, no loopline transport, backend, "
                    "consumer or sizing; requests bodies, aiohttp on loopline's asyncio pool), right after the same "
                    "pool, and show both; where stock fails the table says why. One process per pool")
+    p.add_argument("--hosts", type=int, default=1, metavar="N",
+                   help="spread the jobs round-robin over N loopback host names, 127.0.0.1 ... 127.0.0.N (the "
+                        "target listens on each), to see per-host limits at work (default: 1)")
+    p.add_argument("--host-rate", metavar="RATE",
+                   help="with --hosts: a per-host rule (N/s, N/m, N/h) for every host but 127.0.0.1 during the run, "
+                        "removed after it, so one host runs free while the others are limited")
     p.add_argument("--out", type=Path, default=Path("results"), help="where run files go (default: results/)")
 
 
@@ -99,7 +105,10 @@ class Plan:
             ",".join(f"{p}={c}" for p, c in self.concurrency.items()), "--jitter-ms", f"{args.jitter_ms:g}",
             "--error-rate", f"{args.error_rate:g}", "--payload-bytes", str(args.payload_bytes), "--task", args.task,
             "--repeat", str(self.repeats), "--processes", str(args.processes),
-            *(["--task-log"] if self.task_log else []), *(["--baseline", self.baseline] if self.baseline else []),
+            *(["--task-log"] if self.task_log else []),
+            *(["--hosts", str(args.hosts)] if getattr(args, "hosts", 1) > 1 else []),
+            *(["--host-rate", args.host_rate] if getattr(args, "host_rate", None) else []),
+            *(["--baseline", self.baseline] if self.baseline else []),
         ])
 
 
@@ -118,10 +127,17 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
               (args.jitter_ms >= 0, "--jitter-ms must be >= 0"),
               (0 <= args.error_rate <= 1, "--error-rate must be between 0 and 1"),
               (args.payload_bytes >= 0, "--payload-bytes must be >= 0"), (args.repeat >= 1, "--repeat must be >= 1"),
-              (args.processes >= 1, "--processes must be >= 1")]
+              (args.processes >= 1, "--processes must be >= 1"),
+              (1 <= getattr(args, "hosts", 1) <= 250, "--hosts must be between 1 and 250"),
+              (getattr(args, "host_rate", None) is None or getattr(args, "hosts", 1) > 1,
+               "--host-rate needs --hosts 2 or more")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    if getattr(args, "host_rate", None) is not None:
+        from loopline.politeness.rules import parse_rate
+
+        parse_rate(args.host_rate)  # a RuleError (a ValueError) says what is wrong
     processes = {p: 1 if p in SINGLE_PROCESS_POOLS else args.processes for p in pools}
     return Plan(pools, parse_concurrency(args.concurrency, pools), processes, args.repeat,
                 task_log=bool(getattr(args, "task_log", False)), baseline=getattr(args, "baseline", None))
@@ -144,11 +160,36 @@ def _ensure_broker(stack: ExitStack) -> None:
     os.environ["LOOPLINE_BROKER_URL"] = url
 
 
-def _allow_loopback() -> None:
-    """The benchmark's target listens on 127.0.0.1, which the URL guard refuses unless allowlisted."""
+def _allow_loopback(addresses: list[str]) -> None:
+    """The benchmark's target listens on 127.0.0.1 (...), which the URL guard refuses unless allowlisted."""
     entries = [e for e in os.environ.get("LOOPLINE_URL_ALLOWLIST", "").split(",") if e.strip()]
-    if "127.0.0.1" not in entries:
-        os.environ["LOOPLINE_URL_ALLOWLIST"] = ",".join([*entries, "127.0.0.1"])
+    missing = [a for a in addresses if a not in entries]
+    if missing:
+        os.environ["LOOPLINE_URL_ALLOWLIST"] = ",".join([*entries, *missing])
+
+
+@contextmanager
+def _host_rules(addresses: list[str], rate: str | None) -> Iterator[None]:
+    """``rate`` for every address but the first while the run lasts (in the broker's Redis), then removed."""
+    if rate is None:
+        yield
+        return
+    import redis
+
+    from loopline.app.default import app
+    from loopline.politeness.engine import redis_url_of
+    from loopline.politeness.rules import Rule, RuleStore
+
+    client = redis.Redis.from_url(redis_url_of(app), socket_timeout=10)
+    store = RuleStore(client)
+    try:
+        for address in addresses[1:]:
+            store.set(address, Rule(rate=rate))
+        yield
+    finally:
+        for address in addresses[1:]:
+            store.clear(address)
+        client.close()
 
 
 @contextmanager
@@ -174,19 +215,23 @@ def _redis_version() -> str | None:
 def run_from_args(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     from loopline.bench.procs import start_target
+    from loopline.bench.target import host_addresses
 
-    _allow_loopback()
+    addresses = host_addresses(getattr(args, "hosts", 1))
+    _allow_loopback(addresses)
     with ExitStack() as stack, _sigterm_as_interrupt():
         _ensure_broker(stack)
+        stack.enter_context(_host_rules(addresses, getattr(args, "host_rate", None)))
         run_id = new_run_id()
         # Kept when the run fails (the error names the worker's log there), removed otherwise.
         log_dir = args.out / f"{run_id}.logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         target, url = start_target(args.latency_ms, jitter_ms=args.jitter_ms, error_rate=args.error_rate,
-                                   payload_bytes=args.payload_bytes, log_path=log_dir / "target.log")
+                                   payload_bytes=args.payload_bytes, log_path=log_dir / "target.log",
+                                   addresses=addresses)
         stack.callback(target.stop, 5)
         workload = Workload(args.task, args.jobs, args.latency_ms, url, args.jitter_ms, args.error_rate,
-                            args.payload_bytes)
+                            args.payload_bytes, hosts=len(addresses), host_rate=getattr(args, "host_rate", None))
         run = RunFile(args.out, workload, pools=plan.pools, repeats=plan.repeats, command=plan.command(args),
                       machine=machine_info(_redis_version()), run_id=run_id, baseline=plan.baseline)
         run.write()

@@ -1,6 +1,7 @@
 """The dashboard's ASGI app: the page, its JSON API, CSV export and the live event stream.
 
-A thin adapter: run data comes from ``dashboard.store``, cluster state from ``dashboard.cluster``.
+A thin adapter: run data comes from ``dashboard.store``, cluster state from ``dashboard.cluster``, per-host
+limits from ``dashboard.hosts``.
 Live mode is a server-sent event stream (``/api/events``) that watches the results folder: ``loopline
 bench`` rewrites its run file while it runs (``bench.record``), and every change is pushed to the page.
 """
@@ -23,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 
 from loopline.dashboard.auth import BasicAuth
 from loopline.dashboard.cluster import ClusterView
+from loopline.dashboard.hosts import HostsView
 from loopline.dashboard.store import RunNotFound, RunStore, Signature, jobs_csv, summary_csv
 
 __all__ = ["LIVE_POLL_S", "create_app", "plotly_js"]
@@ -55,6 +57,7 @@ def create_app(results: Path, *, flower_url: str | None = "http://127.0.0.1:5555
                auth: tuple[str, str] | None = None, live_poll_s: float = LIVE_POLL_S) -> Starlette:
     store = RunStore(results)
     cluster = ClusterView(flower_url)
+    hosts = HostsView()
     plotly = plotly_js()
 
     async def index(request: Request) -> Response:
@@ -86,6 +89,9 @@ def create_app(results: Path, *, flower_url: str | None = "http://127.0.0.1:5555
 
     async def cluster_state(request: Request) -> Response:
         return JSONResponse(await to_thread.run_sync(cluster.state))
+
+    async def hosts_state(request: Request) -> Response:
+        return JSONResponse(await to_thread.run_sync(hosts.state))
 
     async def events(request: Request) -> Response:
         return StreamingResponse(_watch(request), media_type="text/event-stream",
@@ -122,6 +128,7 @@ def create_app(results: Path, *, flower_url: str | None = "http://127.0.0.1:5555
         Route("/api/runs/{run_id}", run),
         Route("/api/runs/{run_id}/{kind}.csv", csv_export),
         Route("/api/cluster", cluster_state),
+        Route("/api/hosts", hosts_state),
         Route("/api/events", events),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ])

@@ -17,6 +17,7 @@ from loopline.errors import BodyTooLarge, FetchFailed, GuardRefused
 from loopline.jobs.guarded_adapter import GuardedAdapter
 from loopline.jobs.specs import FetchRequest, FetchResult, WebhookRequest, now_s
 from loopline.jobs.urlguard import Allowlist, HostUnresolvable, UrlRefused, check_url
+from loopline.politeness import http as polite
 
 __all__ = ["CHUNK_BYTES", "MAX_REDIRECTS", "REDIRECT_CODES", "close_sessions", "fetch", "guard_errors", "post"]
 
@@ -106,13 +107,13 @@ def fetch(req: FetchRequest) -> FetchResult:
     t0 = time.perf_counter()
     deadline = t0 + req.timeout_s
     url, method = req.url, req.method
-    for _ in range(MAX_REDIRECTS + 1):
+    for hop in range(MAX_REDIRECTS + 1):
         try:
             with guard_errors():
                 check_url(url, req.allowlist)  # what requests might not parse is refused as the guard words it
-                response = _session(req.allowlist).request(
-                    method, url, headers=req.headers, timeout=_remaining(deadline, req.url), allow_redirects=False,
-                    stream=True,
+                response = polite.send(
+                    _session(req.allowlist), method, url, first=hop == 0, lease_s=req.timeout_s,
+                    headers=req.headers, timeout=_remaining(deadline, req.url), allow_redirects=False, stream=True,
                 )
         except requests.RequestException as exc:
             raise FetchFailed(f"{method} {url} failed: {exc.__class__.__name__}: {exc}") from None
@@ -143,8 +144,8 @@ def post(req: WebhookRequest, body: bytes, headers: dict[str, str]) -> tuple[int
     try:
         with guard_errors():
             check_url(req.url, req.allowlist)
-            response = _session(req.allowlist).post(req.url, data=body, headers=headers, timeout=req.timeout_s,
-                                                    allow_redirects=False)
+            response = polite.send(_session(req.allowlist), "POST", req.url, first=True, lease_s=req.timeout_s,
+                                   data=body, headers=headers, timeout=req.timeout_s, allow_redirects=False)
         with response:
             return response.status_code, response.headers.get("retry-after")
     except requests.RequestException as exc:

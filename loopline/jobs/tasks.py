@@ -25,6 +25,7 @@ from loopline.jobs.webhook_policy import (
     signature_headers,
     verdict_for_status,
 )
+from loopline.politeness import deferring, retry_when_paused
 from loopline.settings import settings_for
 
 __all__ = ["deliver_webhook", "fetch_url", "io_sleep"]
@@ -48,7 +49,9 @@ def _sleep_spec(task: IOTask, ms: object) -> SleepRequest:
 
 async def _fetch_url_async(self: IOTask, url: str, *, method: str = "GET", headers: dict[str, str] | None = None,
                            timeout_s: float | None = None, max_bytes: int | None = None) -> dict[str, Any]:
-    return (await http_async.fetch(_fetch_spec(self, url, method, headers, timeout_s, max_bytes))).as_dict()
+    with deferring(self):
+        result = await http_async.fetch(_fetch_spec(self, url, method, headers, timeout_s, max_bytes))
+    return retry_when_paused(self, result).as_dict()
 
 
 @shared_task(base=IOTask, bind=True, name="tasks.fetch_url", validate=staticmethod(_fetch_spec),
@@ -63,7 +66,9 @@ def fetch_url(
     max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Fetch ``url`` and return its status, size, content type and SHA-256 (never the body)."""
-    return http_sync.fetch(_fetch_spec(self, url, method, headers, timeout_s, max_bytes)).as_dict()
+    with deferring(self):
+        result = http_sync.fetch(_fetch_spec(self, url, method, headers, timeout_s, max_bytes))
+    return retry_when_paused(self, result).as_dict()
 
 
 # -- deliver_webhook --------------------------------------------------------------------------------------
@@ -112,8 +117,9 @@ async def _deliver_webhook_async(self: IOTask, url: str, payload: Any, *, secret
                                  timeout_s: float | None = None) -> dict[str, Any]:
     attempt = _Attempt(_webhook_spec(self, url, payload, secret, headers, timeout_s))
     try:
-        outcome: tuple[int, str | None] | FetchFailed = await http_async.post(attempt.req, attempt.body,
-                                                                              attempt.headers)
+        with deferring(self):
+            outcome: tuple[int, str | None] | FetchFailed = await http_async.post(attempt.req, attempt.body,
+                                                                                  attempt.headers)
     except FetchFailed as exc:
         outcome = exc
     return attempt.settle(self, outcome)
@@ -139,7 +145,8 @@ def deliver_webhook(
     """
     attempt = _Attempt(_webhook_spec(self, url, payload, secret, headers, timeout_s))
     try:
-        outcome: tuple[int, str | None] | FetchFailed = http_sync.post(attempt.req, attempt.body, attempt.headers)
+        with deferring(self):
+            outcome: tuple[int, str | None] | FetchFailed = http_sync.post(attempt.req, attempt.body, attempt.headers)
     except FetchFailed as exc:
         outcome = exc
     return attempt.settle(self, outcome)

@@ -330,6 +330,38 @@ async function refreshCluster() {
   }
 }
 
+// ---- hosts (per-host limits) ---------------------------------------------------------------------------
+
+function ruleText(rule) {
+  if (!rule) return "–";
+  const parts = [];
+  if (rule.rate) parts.push(rule.burst ? `${rule.rate} +${rule.burst} burst` : rule.rate);
+  if (rule.concurrency) parts.push(`${rule.concurrency} in flight`);
+  return parts.join(", ");
+}
+
+async function refreshHosts() {
+  const status = $("#hosts-status");
+  const table = $("#hosts-table");
+  try {
+    const h = await getJSON("/api/hosts");
+    if (h.error) {
+      status.replaceChildren(el("span", { class: "bad" }, h.error));
+      table.replaceChildren();
+      return;
+    }
+    status.textContent = h.hosts.length ? "" : "no host has a rule or was limited in the last hour";
+    const head = ["host", "rule", "rate now /s", "in flight", "waiting", "paused until", "429s"];
+    const rows = h.hosts.map((x) => [x.host, ruleText(x.rule), x.rate_now, x.in_flight, x.waiting,
+      x.paused_until ? new Date(x.paused_until * 1000).toLocaleTimeString() : "–", x.answers_429]);
+    table.replaceChildren(el("thead", {}, el("tr", {}, ...head.map((c) => el("th", {}, c)))),
+      el("tbody", {}, ...rows.map((cells, i) => el("tr", { "data-host": h.hosts[i].host },
+        ...cells.map((c, j) => el("td", { "data-col": head[j] }, String(c)))))));
+  } catch (error) {
+    status.replaceChildren(el("span", { class: "bad" }, `host limits unavailable: ${error.message}`));
+  }
+}
+
 function listen() {
   const stream = new EventSource("/api/events");
   stream.addEventListener("open", () => { $("#stream").textContent = "live updates on"; });
@@ -359,6 +391,8 @@ function start() {
   listen();
   refreshCluster();
   setInterval(refreshCluster, 10000);
+  refreshHosts();
+  setInterval(refreshHosts, 2000);
 }
 
 start();
