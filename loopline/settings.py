@@ -106,8 +106,8 @@ class Settings:
         for key, raw in (overrides or {}).items():
             if key not in names:
                 raise ConfigError(f"loopline.install() got an unknown setting {key!r}; known: {', '.join(names)}")
-            values[key] = _coerce(f"{key}=", names[key].type, raw)
-        token = _naming.set(lambda attr: f"{attr}=" if attr in (overrides or {}) else CONF_PREFIX + attr)
+            values[key] = _coerce(key, names[key].type, raw)
+        token = _naming.set(lambda attr: attr if attr in (overrides or {}) else CONF_PREFIX + attr)
         try:
             settings = cls(**values)  # type: ignore[arg-type]
             settings._check()
@@ -216,7 +216,7 @@ def _coerce(name: str, type_: object, raw: object) -> object:
         return tuple(raw)
     if ok:
         return float(raw) if type_s == "float" else raw  # type: ignore[arg-type]
-    raise ConfigError(f"{name}{'' if name.endswith('=') else '='}{raw!r} is not a valid {type_s}")
+    raise ConfigError(f"{name}={raw!r} is not a valid {type_s}")
 
 
 def redact_url(url: str) -> str:
@@ -246,7 +246,7 @@ def _parse(name: str, type_: object, raw: str, *, named: bool = False) -> object
         if type_s.startswith("tuple"):
             return tuple(item.strip() for item in raw.split(",") if item.strip())
     except ValueError:
-        raise ConfigError(f"{var}{'' if var.endswith('=') else '='}{raw!r} is not a valid {type_s}") from None
+        raise ConfigError(f"{var}={raw!r} is not a valid {type_s}") from None
     return raw
 
 

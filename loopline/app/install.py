@@ -22,6 +22,7 @@ import logging
 import os
 import ssl
 import sys
+import weakref
 from typing import Any
 
 from celery import Celery
@@ -116,24 +117,44 @@ def install(app: Celery, *, settings: Settings | None = None, **overrides: Any) 
 
     Settings come from ``settings`` if given, else from the app's ``loopline_*`` configuration keys with
     ``overrides`` on top (``loopline.install(app, max_deliveries=3)``); a bad value raises ConfigError
-    naming the key. Installing twice is harmless.
+    naming the key. Installing twice is harmless (the overrides of both calls apply), and so is configuring the
+    app after installing: a later ``config_from_object`` rebuilds Celery's configuration from scratch, and the
+    ``on_after_configure`` signal it sends (``celery.app.base.Celery._load_config``) installs loopline again.
     """
-    if settings is None:
-        settings = Settings.from_conf(app.conf, overrides)
-    elif overrides:
+    if settings is not None and overrides:
         raise TypeError("install() takes either settings= or keyword overrides, not both")
+    _chosen[app] = (settings, {**_chosen.get(app, (None, {}))[1], **overrides})
+    applied = _apply(app)
+    app.on_after_configure.connect(_reapply, sender=app, weak=False, dispatch_uid=f"loopline-{id(app)}-configure")
+    _connect_signals(app)
+    return applied
+
+
+# What install() was given, per app, for when the app's configuration is loaded again.
+_chosen: weakref.WeakKeyDictionary[Celery, tuple[Settings | None, dict[str, Any]]] = weakref.WeakKeyDictionary()
+
+
+def _reapply(sender: Celery, **_: Any) -> None:
+    if sender in _chosen:
+        _apply(sender)
+
+
+def _apply(app: Celery) -> Settings:
+    given, overrides = _chosen[app]
+    settings = given if given is not None else Settings.from_conf(app.conf, overrides)
     use_settings(app, settings)
     conf = app.conf
     app.add_defaults(_defaults(settings))
     broker_url = conf.broker_url or settings.broker_url
     if broker_url and not conf.broker_url:
         conf.broker_url = broker_url
-    backend = backend_url(app) or settings.result_backend or (broker_url if _is_redis(broker_url) else None)
-    if _is_redis(backend):
-        conf.result_backend = f"{BACKEND_CLASS}+{backend}"
-        conf.redis_backend_use_ssl = conf.redis_backend_use_ssl or _tls_defaults(backend)
-    elif backend and not conf.result_backend:
-        conf.result_backend = backend
+    if conf.result_backend is None or isinstance(conf.result_backend, str):  # a backend class is the app's choice
+        backend = backend_url(app) or settings.result_backend or (broker_url if _is_redis(broker_url) else None)
+        if _is_redis(backend):
+            conf.result_backend = f"{BACKEND_CLASS}+{backend}"
+            conf.redis_backend_use_ssl = conf.redis_backend_use_ssl or _tls_defaults(backend)
+        elif backend and not conf.result_backend:
+            conf.result_backend = backend
     conf.broker_transport_options = {**_broker_transport_options(settings, broker_url),
                                      **(conf.broker_transport_options or {})}
     if _is_redis(broker_url):
@@ -142,7 +163,6 @@ def install(app: Celery, *, settings: Settings | None = None, **overrides: Any) 
     conf.worker_consumer = CONSUMER
     if "Task" not in app.__dict__:  # Celery.Task is a cached property: tasks made after this get the class
         app.task_cls = TASK_CLASS
-    _connect_signals(app)
     return settings
 
 

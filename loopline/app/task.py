@@ -109,6 +109,11 @@ class LooplineTask(Task):
             settings = settings_for(app)
             cls.time_limit, cls.soft_time_limit = settings.task_time_limit_s, settings.task_soft_time_limit_s
             cls._default_limits = True
+        else:
+            # One limit of its own: the other must not be a default inherited from a base bind gave them to.
+            for name in ("time_limit", "soft_time_limit"):
+                if _own_limit(cls, name) is None:
+                    setattr(cls, name, None)
         return super().bind(app)
 
     def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:

@@ -67,14 +67,14 @@ def _leased(body: F) -> F:
         with _idle_lock:
             idle = _idle.get(req.allowlist)
             session = idle.pop() if idle else None
-        _local.leased = (req.allowlist, session or _new_session(req.allowlist))
+        lent = session or _new_session(req.allowlist)
+        previous, _local.leased = getattr(_local, "leased", None), (req.allowlist, lent)
         try:
             return body(req, *args, **kwargs)
         finally:
-            allowlist, lent = _local.leased
-            _local.leased = None
+            _local.leased = previous
             with _idle_lock:
-                _idle.setdefault(allowlist, []).append(lent)
+                _idle.setdefault(req.allowlist, []).append(lent)
     return cast(F, run)
 
 

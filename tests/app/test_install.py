@@ -7,6 +7,7 @@ import signal
 from collections.abc import Callable
 
 import pytest
+from celery import Celery
 from waiting import wait_until
 
 from config.celery_app import app, settings
@@ -111,3 +112,77 @@ def test_a_gevent_worker_sleeps_cooperatively_between_result_retries(worker: Cal
     worker("gevent", 2, env={"CELERY_WORKER_INCLUDE": "async_tasks",
                              "PYTHONPATH": os.pathsep.join((tests_dir, os.path.dirname(tests_dir)))})
     assert retry_sleep_is_cooperative.apply_async(queue=queue).get(timeout=60) is True
+
+
+def _user_app(**conf: object) -> Celery:
+    user = Celery("user-app", set_as_current=False)
+    user.conf.update(broker_url="redis://127.0.0.1:1/0", **conf)
+    return user
+
+
+def test_configuring_the_app_after_install_keeps_loopline_installed() -> None:
+    import types
+
+    import loopline
+    from loopline.settings import settings_for
+
+    user = _user_app()
+    loopline.install(user, max_deliveries=3)
+    later = types.SimpleNamespace(task_default_queue="user", loopline_event_flush_ms=250)
+    user.config_from_object(later)  # Celery rebuilds its configuration from scratch here
+    assert user.conf.broker_transport == "loopline.transport.redis:Transport"
+    assert user.conf.worker_consumer == "loopline.worker.consumer:Consumer"
+    assert user.conf.task_acks_late is True and user.conf.accept_content == ["json"]
+    assert user.conf.task_default_queue == "user"
+    assert user.conf.result_backend == "loopline.backends.redis:RedisBackend+redis://127.0.0.1:1/0"
+    settings = settings_for(user)
+    assert (settings.event_flush_ms, settings.max_deliveries) == (250.0, 3)
+
+
+def test_installing_twice_keeps_the_first_overrides_and_does_not_stack_the_backend_class() -> None:
+    import loopline
+
+    user = _user_app()
+    loopline.install(user, max_deliveries=3)
+    settings = loopline.install(user)
+    assert settings.max_deliveries == 3
+    assert user.conf.result_backend == "loopline.backends.redis:RedisBackend+redis://127.0.0.1:1/0"
+
+
+def test_what_the_app_chose_itself_wins_over_loopline_defaults() -> None:
+    import loopline
+
+    user = _user_app(task_acks_late=False, result_backend="rpc://")
+    loopline.install(user)
+    assert user.conf.task_acks_late is False and user.conf.result_backend == "rpc://"
+
+
+def test_a_bad_install_override_is_named_as_given() -> None:
+    import loopline
+    from loopline.settings import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^max_deliveries='many' is not a valid int$"):
+        loopline.install(_user_app(), max_deliveries="many")
+    with pytest.raises(ConfigError, match=r"^loopline_max_deliveries=0 must be positive|max_deliveries must be positive"):
+        loopline.install(_user_app(loopline_max_deliveries=0))
+
+
+def test_a_subclass_with_one_limit_inherits_no_default_for_the_other() -> None:
+    import loopline
+    from loopline.app.task import LooplineTask
+
+    user = _user_app()
+    loopline.install(user)
+
+    class Base(LooplineTask):
+        name = "user.base"
+
+    class OnlyHard(Base):
+        name = "user.only_hard"
+        time_limit = 60
+
+    user.register_task(Base())
+    user.register_task(OnlyHard())
+    base, only_hard = user.tasks["user.base"], user.tasks["user.only_hard"]
+    assert (base.time_limit, base.soft_time_limit) == (300, 270)
+    assert (only_hard.time_limit, only_hard.soft_time_limit) == (60, None)
