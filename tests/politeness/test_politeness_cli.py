@@ -43,10 +43,11 @@ def test_set_list_and_clear(store: RuleStore) -> None:
     assert table.returncode == 0, table.stdout + table.stderr
     assert "example.com" in table.stdout and "300/m +20 burst" in table.stdout
     rows = [json.loads(line) for line in limits("list", "--json").stdout.splitlines()]
-    assert {row["host"]: row["rule"] for row in rows} == {
+    # Other tests' requests share the session's Redis: hosts they were limited or paused on are listed too.
+    assert {row["host"]: row["rule"] for row in rows if row["rule"] is not None} == {
         "api.partner.io": {"rate": "300/m", "burst": 20, "concurrency": 0},
         "example.com": {"rate": "5/s", "burst": 0, "concurrency": 4}}
-    assert all(row["in_flight"] == 0 and row["paused_until"] is None for row in rows)
+    assert all(row["in_flight"] == 0 and row["paused_until"] is None for row in rows if row["rule"] is not None)
 
     assert limits("clear", "example.com").returncode == 0
     missing = limits("clear", "example.com")
