@@ -45,6 +45,15 @@ def _env_name(attr: str) -> str:
     return _naming.get()(attr)
 
 
+#: the settings that must be above zero, checked in this order
+_POSITIVE = (
+    "visibility_timeout_s", "task_time_limit_s", "task_soft_time_limit_s", "result_expires_s", "fetch_max_bytes",
+    "max_arg_bytes", "asyncio_sync_threads", "asyncio_blocking_ms", "fetch_timeout_s", "webhook_backoff_base_s",
+    "webhook_backoff_max_s", "max_deliveries", "max_message_bytes", "restore_interval_s", "redis_socket_timeout_s",
+    "event_flush_ms",
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything loopline reads from the environment; each field maps to ``LOOPLINE_<FIELD>``."""
@@ -116,17 +125,7 @@ class Settings:
         return settings
 
     def _check(self) -> None:
-        for name in ("visibility_timeout_s", "task_time_limit_s", "task_soft_time_limit_s", "result_expires_s",
-                     "fetch_max_bytes", "max_arg_bytes", "asyncio_sync_threads", "asyncio_blocking_ms"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{_env_name(name)} must be positive, got {getattr(self, name)!r}")
-        if self.fetch_timeout_s <= 0:
-            raise ConfigError(f"{_env_name('fetch_timeout_s')} must be positive, got {self.fetch_timeout_s!r}")
-        for name in ("webhook_backoff_base_s", "webhook_backoff_max_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{_env_name(name)} must be positive, got {getattr(self, name)!r}")
-        for name in ("max_deliveries", "max_message_bytes", "restore_interval_s", "redis_socket_timeout_s",
-                     "event_flush_ms"):
+        for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be positive, got {getattr(self, name)!r}")
         # Every job the producer accepts (LOOPLINE_MAX_ARG_BYTES of JSON) must fit in a message the worker accepts:

@@ -23,6 +23,7 @@ import os
 import ssl
 import sys
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
@@ -112,6 +113,19 @@ def _tls_defaults(url: object) -> dict[str, Any] | None:
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
+@dataclass
+class _Installed:
+    """What install() was given for one app, and the sizing its worker chose (``celeryd_init``)."""
+
+    settings: Settings | None
+    overrides: dict[str, Any]
+    profile: PoolProfile | None = None
+
+
+# Weak: an app that is dropped takes its record with it, and no signal handler below holds an app.
+_installed: weakref.WeakKeyDictionary[Celery, _Installed] = weakref.WeakKeyDictionary()
+
+
 def install(app: Celery, *, settings: Settings | None = None, **overrides: Any) -> Settings:
     """Give ``app`` loopline's engine; returns the loopline settings it runs with.
 
@@ -123,25 +137,34 @@ def install(app: Celery, *, settings: Settings | None = None, **overrides: Any) 
     """
     if settings is not None and overrides:
         raise TypeError("install() takes either settings= or keyword overrides, not both")
-    _chosen[app] = (settings, {**_chosen.get(app, (None, {}))[1], **overrides})
-    applied = _apply(app)
-    app.on_after_configure.connect(_reapply, sender=app, weak=False, dispatch_uid=f"loopline-{id(app)}-configure")
-    _connect_signals(app)
+    record = _installed.get(app)
+    if record is None:
+        record = _installed[app] = _Installed(settings, dict(overrides))
+    else:
+        record.settings, record.overrides = settings, {**record.overrides, **overrides}
+    applied = _apply(app, record)
+    # The app's own signal: it holds the handler, not the other way round.
+    app.on_after_configure.connect(_reapply, sender=app, weak=False, dispatch_uid="loopline-configure")
+    _connect_signals()
     return applied
 
 
-# What install() was given, per app, for when the app's configuration is loaded again.
-_chosen: weakref.WeakKeyDictionary[Celery, tuple[Settings | None, dict[str, Any]]] = weakref.WeakKeyDictionary()
+def is_installed(app: object) -> bool:
+    """Whether ``install`` was called for ``app`` (the signal handlers serve installed apps only)."""
+    try:
+        return app in _installed
+    except TypeError:  # not weak-referenceable: not a Celery app
+        return False
 
 
 def _reapply(sender: Celery, **_: Any) -> None:
-    if sender in _chosen:
-        _apply(sender)
+    record = _installed.get(sender)
+    if record is not None:
+        _apply(sender, record)
 
 
-def _apply(app: Celery) -> Settings:
-    given, overrides = _chosen[app]
-    settings = given if given is not None else Settings.from_conf(app.conf, overrides)
+def _apply(app: Celery, record: _Installed) -> Settings:
+    settings = record.settings if record.settings is not None else Settings.from_conf(app.conf, record.overrides)
     use_settings(app, settings)
     conf = app.conf
     app.add_defaults(_defaults(settings))
@@ -166,48 +189,51 @@ def _apply(app: Celery) -> Settings:
     return settings
 
 
-def _connect_signals(app: Celery) -> None:
+def _connect_signals() -> None:
+    """Connect the worker-start handlers and the dead-letter hooks once per process, for installed apps."""
     from loopline.deadletter import hooks
 
-    uid = f"loopline-{id(app)}"
-    hooks.connect(app, uid)
-
-    def size_for_pool(sender: Any = None, conf: Any = None, options: dict[str, Any] | None = None,
-                      **_: Any) -> None:
-        # Sent from celery.apps.worker.Worker.on_before_init, before the consumer opens a broker connection or
-        # the backend is built, with the command-line options in ``options``.
-        if conf is not app.conf:
-            return
-        opts = options or {}
-        # The click CLI passes the resolved pool class as ``pool``; programmatic callers may pass ``pool_cls``.
-        profile = profile_for(opts.get("pool_cls") or opts.get("pool"), opts.get("concurrency"))
-        apply_profile(conf, profile)
-        _applied[id(app)] = profile
-        if profile.pool == "gevent":
-            _cooperative_retry_sleeps()
-
-    def after_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
-        if instance is None or instance.app is not app:
-            return
-        from loopline.app.task import run_coroutines
-
-        run_coroutines(app)  # async def tasks of a base class of their own, under every pool
-        profile = _applied.get(id(app))
-        if profile is not None:
-            _apply_prefetch(instance, profile)
-            # celeryd_init runs before Celery sets up logging, so the chosen sizing is logged here.
-            logger.info("loopline: %s", profile.describe())
-        if not settings_for(app).task_log:
-            # The celery.worker.strategy and celery.app.trace loggers decide once, when the consumer builds its
-            # strategies and tracers (after this signal), whether INFO is on; warnings and errors still show.
-            for name in ("celery.worker.strategy", "celery.app.trace"):
-                logging.getLogger(name).setLevel(logging.WARNING)
-
-    celeryd_init.connect(size_for_pool, weak=False, dispatch_uid=f"{uid}-size")
-    celeryd_after_setup.connect(after_setup, weak=False, dispatch_uid=f"{uid}-setup")
+    hooks.connect(is_installed)
+    celeryd_init.connect(_size_for_pool, weak=False, dispatch_uid="loopline-size")
+    celeryd_after_setup.connect(_after_setup, weak=False, dispatch_uid="loopline-setup")
 
 
-_applied: dict[int, PoolProfile] = {}
+def _record_for_conf(conf: Any) -> tuple[Celery, _Installed] | None:
+    return next(((app, record) for app, record in list(_installed.items()) if app.conf is conf), None)
+
+
+def _size_for_pool(sender: Any = None, conf: Any = None, options: dict[str, Any] | None = None, **_: Any) -> None:
+    # Sent from celery.apps.worker.Worker.on_before_init, before the consumer opens a broker connection or
+    # the backend is built, with the command-line options in ``options``.
+    found = _record_for_conf(conf)
+    if found is None:
+        return
+    opts = options or {}
+    # The click CLI passes the resolved pool class as ``pool``; programmatic callers may pass ``pool_cls``.
+    profile = profile_for(opts.get("pool_cls") or opts.get("pool"), opts.get("concurrency"))
+    apply_profile(conf, profile)
+    found[1].profile = profile
+    if profile.pool == "gevent":
+        _cooperative_retry_sleeps()
+
+
+def _after_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    record = _installed.get(instance.app) if instance is not None else None
+    if record is None:
+        return
+    from loopline.app.task import run_coroutines
+
+    app = instance.app
+    run_coroutines(app)  # async def tasks of a base class of their own, under every pool
+    if record.profile is not None:
+        _apply_prefetch(instance, record.profile)
+        # celeryd_init runs before Celery sets up logging, so the chosen sizing is logged here.
+        logger.info("loopline: %s", record.profile.describe())
+    if not settings_for(app).task_log:
+        # The celery.worker.strategy and celery.app.trace loggers decide once, when the consumer builds its
+        # strategies and tracers (after this signal), whether INFO is on; warnings and errors still show.
+        for name in ("celery.worker.strategy", "celery.app.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _apply_prefetch(instance: Any, profile: PoolProfile) -> None:

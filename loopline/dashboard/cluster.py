@@ -7,9 +7,9 @@ running embedded Redis). Without one the dashboard still serves its runs and sho
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from typing import Any
+
+from loopline.dashboard.cached import CachedState
 
 __all__ = ["POOL_NAMES", "ClusterView"]
 
@@ -71,19 +71,12 @@ def _dead_letters(app: Any) -> int | None:
         return None
 
 
-class ClusterView:
-    """Reads the cluster state at most every ``cache_s``; callers on several threads share one answer."""
+class ClusterView(CachedState):
+    """The cluster state, read at most every ``cache_s`` (an inspect takes up to about twice its timeout)."""
 
     def __init__(self, flower_url: str | None, *, timeout_s: float = INSPECT_TIMEOUT_S, cache_s: float = CACHE_S):
-        self.flower_url, self.timeout_s, self.cache_s = flower_url, timeout_s, cache_s
-        self._lock = threading.Lock()
-        self._state: dict[str, Any] | None = None
-        self._read_at = 0.0
+        super().__init__(cache_s=cache_s)
+        self.flower_url, self.timeout_s = flower_url, timeout_s
 
-    def state(self) -> dict[str, Any]:
-        """Blocking (up to about twice the inspect timeout): run it in a worker thread."""
-        with self._lock:
-            if self._state is None or time.monotonic() - self._read_at > self.cache_s:
-                self._state = {**_read(self.timeout_s), "flower_url": self.flower_url}
-                self._read_at = time.monotonic()
-            return self._state
+    def _read(self) -> dict[str, Any]:
+        return {**_read(self.timeout_s), "flower_url": self.flower_url}

@@ -7,9 +7,9 @@ with a broker that is not Redis) the page shows why instead of a table.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from typing import Any
+
+from loopline.dashboard.cached import CachedState
 
 __all__ = ["HostsView"]
 
@@ -39,19 +39,11 @@ def _read() -> dict[str, Any]:
     return {"hosts": [f.as_dict() for f in figures], "error": None}
 
 
-class HostsView:
-    """Reads the host figures at most every ``cache_s``; callers on several threads share one answer."""
+class HostsView(CachedState):
+    """The host figures (one pipelined read), read at most every ``cache_s``."""
 
     def __init__(self, *, cache_s: float = CACHE_S) -> None:
-        self.cache_s = cache_s
-        self._lock = threading.Lock()
-        self._state: dict[str, Any] | None = None
-        self._read_at = 0.0
+        super().__init__(cache_s=cache_s)
 
-    def state(self) -> dict[str, Any]:
-        """Blocking (one pipelined read): run it in a worker thread."""
-        with self._lock:
-            if self._state is None or time.monotonic() - self._read_at > self.cache_s:
-                self._state = _read()
-                self._read_at = time.monotonic()
-            return self._state
+    def _read(self) -> dict[str, Any]:
+        return _read()

@@ -1,5 +1,5 @@
 """Signal handlers in the process that runs a job: counting starts of redelivered jobs, dead-lettering jobs
-that ran out of retries. ``loopline.install`` connects them for one app's tasks (:func:`connect`).
+that ran out of retries. ``loopline.install`` connects them for its apps' tasks (:func:`connect`).
 
 A job has exhausted its retries when its final failure came out of ``Task.retry`` past the retry limit:
 ``MaxRetriesExceededError``, or the ``exc=`` it passed to ``retry`` (which Celery re-raises then, see
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import traceback as tb_module
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -78,16 +79,17 @@ def on_task_failure(sender: Task | None = None, task_id: str | None = None, exce
     logger.warning("dead-lettered %s[%s]: %s: %s", sender.name, task_id, entry.reason, entry.error)
 
 
-def connect(app: Any, uid: str) -> None:
-    """Connect both handlers for the tasks of ``app`` only (``loopline.install`` calls it; once per app)."""
+def connect(serves: Callable[[Any], bool]) -> None:
+    """Connect both handlers once per process, for the tasks of the apps ``serves`` accepts
+    (``loopline.install`` passes "installed": a plain app in the same process is left alone)."""
 
     def prerun(sender: Task | None = None, **kwargs: Any) -> None:
-        if sender is not None and sender.app is app:
+        if sender is not None and serves(sender.app):
             on_task_prerun(sender=sender, **kwargs)
 
     def failure(sender: Task | None = None, **kwargs: Any) -> None:
-        if sender is not None and sender.app is app:
+        if sender is not None and serves(sender.app):
             on_task_failure(sender=sender, **kwargs)
 
-    task_prerun.connect(prerun, weak=False, dispatch_uid=f"{uid}-prerun")
-    task_failure.connect(failure, weak=False, dispatch_uid=f"{uid}-failure")
+    task_prerun.connect(prerun, weak=False, dispatch_uid="loopline-deadletter-prerun")
+    task_failure.connect(failure, weak=False, dispatch_uid="loopline-deadletter-failure")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, cast
+from collections.abc import Iterator
 from urllib.parse import urljoin
 
 import requests
@@ -24,8 +22,6 @@ __all__ = ["CHUNK_BYTES", "MAX_REDIRECTS", "REDIRECT_CODES", "close_sessions", "
 MAX_REDIRECTS = 10
 CHUNK_BYTES = 64 * 1024
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
-_local = threading.local()
-F = TypeVar("F", bound=Callable[..., Any])
 # Sessions between jobs, per allowlist: a connection checked under one allowlist never serves a job under another.
 _idle: dict[Allowlist, list[requests.Session]] = {}
 _idle_lock = threading.Lock()
@@ -41,51 +37,32 @@ def _new_session(allowlist: Allowlist) -> requests.Session:
     return session
 
 
-def _session(allowlist: Allowlist) -> requests.Session:
-    """The session lent to this job (see _leased) when it is for ``allowlist``, else one of this thread's own."""
-    leased = getattr(_local, "leased", None)
-    if leased is not None and leased[0] == allowlist:
-        return leased[1]
-    sessions: dict[Allowlist, requests.Session] | None = getattr(_local, "sessions", None)
-    if sessions is None:
-        sessions = _local.sessions = {}
-    session = sessions.get(allowlist)
-    if session is None:
-        session = sessions[allowlist] = _new_session(allowlist)
-    return session
-
-
-def _leased(body: F) -> F:
-    """Run each call of ``body`` with a session lent for the job: one job at a time per session, reused after.
+@contextlib.contextmanager
+def _lent_session(allowlist: Allowlist) -> Iterator[requests.Session]:
+    """A session for one job under ``allowlist``: one job at a time per session, reused by later jobs.
 
     requests.Session is not documented as thread-safe, so a session is never used by two jobs at once; but it
     is not kept per thread either: the gevent pool runs every task in a new greenlet, where a thread-local
     (greenlet-local once patched) was a new Session, connection pool and TCP connection per job.
     """
-    @functools.wraps(body)
-    def run(req: FetchRequest | WebhookRequest, *args: Any, **kwargs: Any) -> Any:
+    with _idle_lock:
+        idle = _idle.get(allowlist)
+        session = idle.pop() if idle else None
+    lent = session or _new_session(allowlist)
+    try:
+        yield lent
+    finally:
         with _idle_lock:
-            idle = _idle.get(req.allowlist)
-            session = idle.pop() if idle else None
-        lent = session or _new_session(req.allowlist)
-        previous, _local.leased = getattr(_local, "leased", None), (req.allowlist, lent)
-        try:
-            return body(req, *args, **kwargs)
-        finally:
-            _local.leased = previous
-            with _idle_lock:
-                _idle.setdefault(req.allowlist, []).append(lent)
-    return cast(F, run)
+            _idle.setdefault(allowlist, []).append(lent)
 
 
 def close_sessions() -> None:
-    """Close this thread's sessions and the idle ones (and their kept-alive connections)."""
+    """Close the idle sessions and their kept-alive connections (sessions lent now go back idle after)."""
     with _idle_lock:
         idle = [session for sessions in _idle.values() for session in sessions]
         _idle.clear()
-    for session in [*idle, *getattr(_local, "sessions", {}).values()]:
+    for session in idle:
         session.close()
-    _local.sessions = {}
 
 
 @contextlib.contextmanager
@@ -100,9 +77,19 @@ def guard_errors() -> Iterator[None]:
         raise GuardRefused(str(exc)) from None
 
 
-@_leased
 def fetch(req: FetchRequest) -> FetchResult:
     """Fetch ``req.url``, following redirects itself so that every hop passes the URL guard."""
+    with _lent_session(req.allowlist) as session:
+        return _fetch(req, session)
+
+
+def post(req: WebhookRequest, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
+    """POST one webhook attempt; returns (status, Retry-After header). No redirects."""
+    with _lent_session(req.allowlist) as session:
+        return _post(req, session, body, headers)
+
+
+def _fetch(req: FetchRequest, session: requests.Session) -> FetchResult:
     started_at = now_s()
     t0 = time.perf_counter()
     deadline = t0 + req.timeout_s
@@ -112,8 +99,8 @@ def fetch(req: FetchRequest) -> FetchResult:
             with guard_errors():
                 check_url(url, req.allowlist)  # what requests might not parse is refused as the guard words it
                 response = polite.send(
-                    _session(req.allowlist), method, url, first=hop == 0, lease_s=req.timeout_s,
-                    headers=req.headers, timeout=_remaining(deadline, req.url), allow_redirects=False, stream=True,
+                    session, method, url, first=hop == 0, lease_s=req.timeout_s, headers=req.headers,
+                    timeout=_remaining(deadline, req.url), allow_redirects=False, stream=True,
                 )
         except requests.RequestException as exc:
             raise FetchFailed(f"{method} {url} failed: {exc.__class__.__name__}: {exc}") from None
@@ -138,13 +125,12 @@ def fetch(req: FetchRequest) -> FetchResult:
     raise FetchFailed(f"{req.url}: more than {MAX_REDIRECTS} redirects")
 
 
-@_leased
-def post(req: WebhookRequest, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
-    """POST one webhook attempt; returns (status, Retry-After header). No redirects."""
+def _post(req: WebhookRequest, session: requests.Session, body: bytes, headers: dict[str, str]
+          ) -> tuple[int, str | None]:
     try:
         with guard_errors():
             check_url(req.url, req.allowlist)
-            response = polite.send(_session(req.allowlist), "POST", req.url, first=True, lease_s=req.timeout_s,
+            response = polite.send(session, "POST", req.url, first=True, lease_s=req.timeout_s,
                                    data=body, headers=headers, timeout=req.timeout_s, allow_redirects=False)
         with response:
             return response.status_code, response.headers.get("retry-after")

@@ -115,8 +115,15 @@ class FetchRequest:
         )
 
 
+class _Result:
+    """A task's return value: sent as a plain dict, so that any serializer and any client can read it."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
-class FetchResult:
+class FetchResult(_Result):
     """What ``fetch_url`` returns (as a dict): the response's shape, never its body."""
 
     url: str
@@ -128,9 +135,6 @@ class FetchResult:
     sha256: str
     started_at: float
     finished_at: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,7 @@ class WebhookRequest:
 
 
 @dataclass(frozen=True)
-class WebhookResult:
+class WebhookResult(_Result):
     """What ``deliver_webhook`` returns (as a dict) once the receiver accepted the delivery."""
 
     url: str
@@ -179,9 +183,6 @@ class WebhookResult:
     elapsed_ms: float
     started_at: float
     finished_at: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,22 @@ def test_installing_twice_keeps_the_first_overrides_and_does_not_stack_the_backe
     assert user.conf.result_backend == "loopline.backends.redis:RedisBackend+redis://127.0.0.1:1/0"
 
 
+def test_an_installed_app_that_is_dropped_is_collected() -> None:
+    import gc
+    import weakref
+
+    import loopline
+    from loopline.app.install import is_installed
+
+    user = _user_app()
+    loopline.install(user)
+    assert is_installed(user) and not is_installed(_user_app()) and not is_installed("not an app")
+    dropped = weakref.ref(user)
+    del user
+    gc.collect()
+    assert dropped() is None  # no signal handler or record of loopline's holds it
+
+
 def test_what_the_app_chose_itself_wins_over_loopline_defaults() -> None:
     import loopline
 

@@ -100,7 +100,7 @@ def test_property_a_name_that_resolves_to_a_guarded_address_is_refused(
 @pytest.fixture(scope="module")
 def fetch_session() -> Iterator[None]:
     yield
-    http_sync.close_sessions()  # the fetch loop's per-thread sessions
+    http_sync.close_sessions()  # the sessions the fetches left idle
 
 
 loopback_but_not_allowlisted = st.one_of(
