@@ -22,19 +22,22 @@ from celery import Task
 from celery.result import AsyncResult
 from kombu import Queue
 from kombu.utils.url import maybe_sanitize_url
-from kombu.utils.uuid import uuid
 
+from loopline.app.envelope import Envelope
 from loopline.app.message_template import MessageTemplate
+from loopline.app.task_ids import uuid4_strings
 from loopline.errors import CONNECTION_FAILURES, RedisUnavailable
 
-__all__ = ["BATCH_MAX_COMMANDS", "EVENTS_PER_MESSAGE", "Call", "asend_many", "release_result_subscriptions",
-           "send_many"]
+__all__ = ["BATCH_MAX_COMMANDS", "ENTRIES_PER_PUSH", "EVENTS_PER_MESSAGE", "Call", "asend_many",
+           "release_result_subscriptions", "send_many"]
 
 Call = tuple[Sequence[Any], dict[str, Any]]
 # kombu flushes its publish pipeline every this many Redis commands.
 BATCH_MAX_COMMANDS = 1000
 # task-sent events per task.multi message.
 EVENTS_PER_MESSAGE = 500
+# Spliced list entries per LPUSH (loopline's Redis transport): about 1.3 kB each for a small job.
+ENTRIES_PER_PUSH = 500
 
 
 class _SentEvents:
@@ -91,13 +94,15 @@ def _bound_queue(app: Any, producer: Any, queue: Any) -> Any:
 
 
 def send_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncResult]:
-    """Send one ``task`` message per (args, kwargs) over one connection, in pipelined round trips.
+    """Send one ``task`` message per (args, kwargs) over one connection, in few round trips.
 
-    Each message is built and published by Celery's ``apply_async``, as one ``.delay()`` would be. The
-    batch saves the round trips and per-job commands around it: kombu's ``Producer.batch`` (kombu.messaging,
-    Redis transport's ``PublishBatch``) sends the LPUSHes in one non-transactional pipeline, the results'
-    channels are subscribed in a few SUBSCRIBEs (``RedisBackend.on_tasks_call``) instead of one each, and the
-    ``task-sent`` events go out as ``task.multi`` lists (:class:`_SentEvents`) instead of a message each.
+    The first job's message is built and published by Celery's ``apply_async``, as one ``.delay()`` would be.
+    The others are built from it where that is exact (:class:`MessageTemplate`); on loopline's Redis transport
+    their list entries are spliced from the first one's (:class:`~loopline.app.envelope.Envelope`) and pushed
+    ENTRIES_PER_PUSH to an LPUSH (``Channel.put_many``), elsewhere they go through kombu's ``Producer.batch``
+    (kombu.messaging, Redis transport's ``PublishBatch``), one pipelined LPUSH each. The results' channels are
+    subscribed in a few SUBSCRIBEs (``RedisBackend.on_tasks_call``) instead of one each, and the ``task-sent``
+    events go out as ``task.multi`` lists (:class:`_SentEvents`) instead of a message each.
     """
     batch = [(tuple(args), dict(kwargs)) for args, kwargs in calls]
     check = getattr(task, "check_job", None)
@@ -107,52 +112,99 @@ def send_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncRe
     app = task.app
     if "task_id" in options:
         raise TypeError("send_many: task_id would name every job alike; each job gets an id of its own")
-    ids = [uuid() for _ in batch]
+    if not batch:
+        return []
+    ids = uuid4_strings(len(batch))
     events = _SentEvents(app.amqp._event_dispatcher)
     options.setdefault("event_dispatcher", events)
     try:
-        with app.producer_or_acquire() as producer, producer.batch(BATCH_MAX_COMMANDS):
-            queue = _bound_queue(app, producer, options.get("queue"))
-            if queue is not None:
-                options["queue"] = queue
-            subscribe = getattr(app.backend, "on_tasks_call", None)
-            if subscribe is not None and not options.get("ignore_result", task.ignore_result):
-                subscribe(ids)
-            results = _send(task, producer, batch, ids, events, options)
+        with app.producer_or_acquire() as producer:
+            with producer.batch(BATCH_MAX_COMMANDS):
+                queue = _bound_queue(app, producer, options.get("queue"))
+                if queue is not None:
+                    options["queue"] = queue
+                subscribe = getattr(app.backend, "on_tasks_call", None)
+                if subscribe is not None and not options.get("ignore_result", task.ignore_result):
+                    subscribe(ids)
+                template = MessageTemplate(app)
+                unwatch = template.watch(producer)
+                try:
+                    first = task.apply_async(*batch[0], task_id=ids[0], producer=producer, **options)
+                finally:
+                    unwatch()
+                template.event = events.last
+                usable = template.usable(task, options)
+                spliced = template.envelope(producer, *batch[0]) if usable else None
+                if spliced is None:
+                    results = [first, *_send(task, producer, batch, ids, events, options, template, usable)]
+                    events.flush(producer)
+                    return results
+            # The batch is written, the first job with it: the others follow it in the queue.
+            results = [first, *_push(task, producer, batch, ids, events, options, template, *spliced)]
             events.flush(producer)
             return results
     except CONNECTION_FAILURES as exc:
-        # The batch is written without kombu's retries (PublishBatch.flush), every BATCH_MAX_COMMANDS commands
-        # and at the end: chunks written before the failure are queued.
+        # Written without kombu's retries (PublishBatch.flush, Channel.put_many): what was written before the
+        # failure is queued.
         url = maybe_sanitize_url(task.app.conf.broker_url or "?")
         raise RedisUnavailable(f"{task.name}: lost {url} while sending {len(batch)} jobs ({type(exc).__name__}: "
-                               f"{exc}); jobs in chunks of {BATCH_MAX_COMMANDS} commands written before it may "
-                               "be queued, the rest were not sent") from exc
+                               f"{exc}); jobs written before it (in chunks of up to {BATCH_MAX_COMMANDS} commands "
+                               f"or {ENTRIES_PER_PUSH} jobs) may be queued, the rest were not sent") from exc
+
+
+def _subscriber(task: Task, options: dict[str, Any]) -> Any:
+    """The backend to subscribe each job's result with, as Celery's ``send_task`` does; None when
+    ``send_many`` subscribed them all at once (loopline's backend) or the results are ignored."""
+    if hasattr(task.app.backend, "on_tasks_call") or options.get("ignore_result", task.ignore_result):
+        return None
+    return task.app.backend
+
+
+def _result(task: Task, task_id: str, ignored: bool) -> AsyncResult:
+    result = task.AsyncResult(task_id)
+    result.ignored = ignored  # as Celery.send_task sets it
+    return result
+
+
+def _push(task: Task, producer: Any, batch: list[tuple[tuple[Any, ...], dict[str, Any]]], ids: list[str],
+          events: _SentEvents, options: dict[str, Any], template: MessageTemplate, envelope: Envelope, queue: str,
+          message: dict[str, Any]) -> list[AsyncResult]:
+    """Jobs 2..N as list entries spliced from the first one's, pushed ENTRIES_PER_PUSH to a command."""
+    ignored = options.get("ignore_result", task.ignore_result)
+    subscribe_each = _subscriber(task, options)
+    put_many = producer.channel.put_many
+    tags = uuid4_strings(len(batch))  # delivery tags, as virtual.Channel._next_delivery_tag gives each message
+    results: list[AsyncResult] = []
+    for lo in range(1, len(batch), ENTRIES_PER_PUSH):
+        entries = []
+        for at in range(lo, min(lo + ENTRIES_PER_PUSH, len(batch))):
+            (args, kwargs), task_id = batch[at], ids[at]
+            if subscribe_each is not None:
+                subscribe_each.on_task_call(producer, task_id)
+            argsrepr, kwargsrepr = template.reprs(args, kwargs)
+            entries.append(envelope.entry(task_id, tags[at], argsrepr, kwargsrepr, args, kwargs))
+            template.sent_event(task_id, argsrepr, kwargsrepr, events, producer)
+            results.append(_result(task, task_id, ignored))
+        put_many(queue, message, entries)
+        if len(events.events) >= EVENTS_PER_MESSAGE:
+            events.flush(producer)
+    return results
 
 
 def _send(task: Task, producer: Any, batch: list[tuple[tuple[Any, ...], dict[str, Any]]], ids: list[str],
-          events: _SentEvents, options: dict[str, Any]) -> list[AsyncResult]:
-    """The first job through ``apply_async``; the others built from its message when that is exact."""
-    if not batch:
-        return []
-    template = MessageTemplate(task.app)
-    unwatch = template.watch(producer)
-    try:
-        results = [task.apply_async(*batch[0], task_id=ids[0], producer=producer, **options)]
-    finally:
-        unwatch()
-    template.event = events.last
-    if template.usable(task, options):
+          events: _SentEvents, options: dict[str, Any], template: MessageTemplate,
+          usable: bool) -> list[AsyncResult]:
+    """Jobs 2..N in kombu's publish batch: built from the first one's message when ``usable``, else each by
+    ``apply_async``."""
+    results: list[AsyncResult] = []
+    if usable:
         ignored = options.get("ignore_result", task.ignore_result)
-        # Without a bulk subscription (a backend other than loopline's), each job subscribes as Celery's does.
-        subscribe_each = None if hasattr(task.app.backend, "on_tasks_call") or ignored else task.app.backend
+        subscribe_each = _subscriber(task, options)
         for (args, kwargs), task_id in zip(batch[1:], ids[1:], strict=True):
             if subscribe_each is not None:
                 subscribe_each.on_task_call(producer, task_id)
             template.publish(producer, task_id, args, kwargs, events)
-            result = task.AsyncResult(task_id)
-            result.ignored = ignored  # as Celery.send_task sets it
-            results.append(result)
+            results.append(_result(task, task_id, ignored))
             if len(events.events) >= EVENTS_PER_MESSAGE:
                 events.flush(producer)
         return results
