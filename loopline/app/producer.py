@@ -15,7 +15,9 @@ Validation runs for every job before any is sent, so a bad job in a batch sends 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import gc
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from celery import Task
@@ -118,7 +120,7 @@ def send_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncRe
     events = _SentEvents(app.amqp._event_dispatcher)
     options.setdefault("event_dispatcher", events)
     try:
-        with app.producer_or_acquire() as producer:
+        with _collector_paused(), app.producer_or_acquire() as producer:
             with producer.batch(BATCH_MAX_COMMANDS):
                 queue = _bound_queue(app, producer, options.get("queue"))
                 if queue is not None:
@@ -150,6 +152,27 @@ def send_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncRe
         raise RedisUnavailable(f"{task.name}: lost {url} while sending {len(batch)} jobs ({type(exc).__name__}: "
                                f"{exc}); jobs written before it (in chunks of up to {BATCH_MAX_COMMANDS} commands "
                                f"or {ENTRIES_PER_PUSH} jobs) may be queued, the rest were not sent") from exc
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the send, if it was on (and on again after).
+
+    A bulk send allocates a few containers per job that all stay alive (each AsyncResult holds a promise and a
+    WeakMethod, ``celery.result.AsyncResult.__init__``): the collector's generations fill again and again and
+    each collection walks the growing heap, which cost more than half of building the results (5 of 9 µs per
+    AsyncResult in a 20,000-job send). Reference counting still frees what the send drops; a cycle it leaves
+    waits for the next collection after the send. Process-wide, as the collector is: a call made while another
+    thread's send has paused it leaves it to that send to turn back on.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _subscriber(task: Task, options: dict[str, Any]) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import threading
 import time
@@ -230,6 +231,18 @@ def test_validation_errors_are_those_of_apply_async_and_nothing_is_sent(client: 
         send_many(io_sleep, [((1,), {}), ((2,), {}), ((-1,), {})], queue=queue)
     assert str(bulk.value) == str(single.value)
     assert entries(client, queue) == {}
+
+
+def test_the_garbage_collector_is_left_as_it_was(queue: str) -> None:
+    assert gc.isenabled()
+    send_many(io_sleep, [((1,), {})] * 3, queue=queue)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        send_many(io_sleep, [((1,), {})] * 3, queue=queue)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_the_default_queue_is_routed_alike(client: redis.Redis) -> None:
