@@ -18,7 +18,7 @@ from typing import Any
 from kombu.utils.json import JSONEncoder
 from kombu.utils.json import dumps as kombu_dumps
 
-__all__ = ["Envelope"]
+__all__ = ["Envelope", "string_encoder"]
 
 _MARK = "\x00loopline-slot-{}\x00"
 # The fields that differ by job, by slot: the task id (three times), its reprs, the delivery tag, the body.
@@ -32,7 +32,7 @@ _SLOTS: tuple[tuple[str, str, int], ...] = (
 _BARE = (_ID, _TAG, _BODY)
 
 
-def _string_encoder() -> Callable[[str], str] | None:
+def string_encoder() -> Callable[[str], str] | None:
     """The function kombu's ``dumps`` encodes a str with (its JSONEncoder's ``ensure_ascii`` choice), or None."""
     probe = "it's \"q\" \\ \n\t\x00 é \u2028 \U0001f600"
     for encode in (json.encoder.encode_basestring_ascii, json.encoder.encode_basestring):
@@ -56,7 +56,7 @@ class Envelope:
     def of(cls, message: dict[str, Any], body: str, args: Any, kwargs: Any, embed: Any) -> Envelope | None:
         """The envelope of ``message`` (as kombu's Redis ``_put`` received it, body already encoded) and its JSON
         ``body`` before encoding, sent for ``args`` and ``kwargs``; None unless it reproduces that entry exactly."""
-        encode = _string_encoder()
+        encode = string_encoder()
         properties = message.get("properties")
         if encode is None or not isinstance(properties, dict) or properties.get("body_encoding") != "base64":
             return None

@@ -27,6 +27,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from loopline.app.envelope import Envelope
 from loopline.app.message_template import MessageTemplate
+from loopline.app.sent_events import SentEvents
 from loopline.app.task_ids import uuid4_strings
 from loopline.errors import CONNECTION_FAILURES, RedisUnavailable
 
@@ -40,38 +41,6 @@ BATCH_MAX_COMMANDS = 1000
 EVENTS_PER_MESSAGE = 500
 # Spliced list entries per LPUSH (loopline's Redis transport): about 1.3 kB each for a small job.
 ENTRIES_PER_PUSH = 500
-
-
-class _SentEvents:
-    """Stands in for Celery's event dispatcher in ``send_task_message``: keeps the ``task-sent`` events.
-
-    ``celery.app.amqp.AMQP.send_task_message`` publishes one event message per task through
-    ``event_dispatcher.publish`` (``EventDispatcher._publish``: a second kombu publish per job). Kept here,
-    the same events (prepared by Celery's dispatcher: hostname, clock, pid, utcoffset) go out as one list per
-    ``task.multi`` message, as a worker sends its buffered task events (``EventDispatcher.flush``), which
-    every ``EventReceiver`` (Flower, ``celery events``) takes apart again.
-    """
-
-    def __init__(self, dispatcher: Any) -> None:
-        self.dispatcher = dispatcher
-        self.events: list[dict[str, Any]] = []
-        self.last: tuple[str, dict[str, Any]] | None = None
-        self.retry: bool | None = None
-        self.retry_policy: Any = None
-
-    def publish(self, type: str, fields: dict[str, Any], producer: Any, retry: bool | None = None,
-                retry_policy: Any = None, **kwargs: Any) -> None:
-        self.events.append(self.dispatcher._prepare_event(type, fields, **kwargs))
-        self.last = (type, fields)
-        if retry is not None:
-            self.retry, self.retry_policy = retry, retry_policy
-
-    def flush(self, producer: Any) -> None:
-        if self.events:
-            events, self.events = self.events, []
-            with self.dispatcher.mutex:
-                self.dispatcher._publish(events, producer, "task.multi", retry=self.retry,
-                                         retry_policy=self.retry_policy)
 
 
 def _bound_queue(app: Any, producer: Any, queue: Any) -> Any:
@@ -104,7 +73,8 @@ def send_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncRe
     ENTRIES_PER_PUSH to an LPUSH (``Channel.put_many``), elsewhere they go through kombu's ``Producer.batch``
     (kombu.messaging, Redis transport's ``PublishBatch``), one pipelined LPUSH each. The results' channels are
     subscribed in a few SUBSCRIBEs (``RedisBackend.on_tasks_call``) instead of one each, and the ``task-sent``
-    events go out as ``task.multi`` lists (:class:`_SentEvents`) instead of a message each.
+    events go out as ``task.multi`` lists (:class:`~loopline.app.sent_events.SentEvents`) instead of a message
+    each, spliced from the first job's too where its entry is.
     """
     batch = [(tuple(args), dict(kwargs)) for args, kwargs in calls]
     check = getattr(task, "check_job", None)
@@ -117,7 +87,7 @@ def send_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncRe
     if not batch:
         return []
     ids = uuid4_strings(len(batch))
-    events = _SentEvents(app.amqp._event_dispatcher)
+    events = SentEvents(app.amqp._event_dispatcher)
     options.setdefault("event_dispatcher", events)
     try:
         with _collector_paused(), app.producer_or_acquire() as producer:
@@ -190,13 +160,15 @@ def _result(task: Task, task_id: str, ignored: bool) -> AsyncResult:
 
 
 def _push(task: Task, producer: Any, batch: list[tuple[tuple[Any, ...], dict[str, Any]]], ids: list[str],
-          events: _SentEvents, options: dict[str, Any], template: MessageTemplate, envelope: Envelope, queue: str,
+          events: SentEvents, options: dict[str, Any], template: MessageTemplate, envelope: Envelope, queue: str,
           message: dict[str, Any]) -> list[AsyncResult]:
     """Jobs 2..N as list entries spliced from the first one's, pushed ENTRIES_PER_PUSH to a command."""
     ignored = options.get("ignore_result", task.ignore_result)
     subscribe_each = _subscriber(task, options)
     put_many = producer.channel.put_many
-    tags = uuid4_strings(len(batch))  # delivery tags, as virtual.Channel._next_delivery_tag gives each message
+    # Delivery tags, as virtual.Channel._next_delivery_tag gives each message; the first job's has one.
+    tags = ["", *uuid4_strings(len(batch) - 1)]
+    spliced_events = events.splice()
     results: list[AsyncResult] = []
     for lo in range(1, len(batch), ENTRIES_PER_PUSH):
         entries = []
@@ -206,16 +178,19 @@ def _push(task: Task, producer: Any, batch: list[tuple[tuple[Any, ...], dict[str
                 subscribe_each.on_task_call(producer, task_id)
             argsrepr, kwargsrepr = template.reprs(args, kwargs)
             entries.append(envelope.entry(task_id, tags[at], argsrepr, kwargsrepr, args, kwargs))
-            template.sent_event(task_id, argsrepr, kwargsrepr, events, producer)
+            if spliced_events:
+                events.add(task_id, argsrepr, kwargsrepr)
+            else:
+                template.sent_event(task_id, argsrepr, kwargsrepr, events, producer)
             results.append(_result(task, task_id, ignored))
         put_many(queue, message, entries)
-        if len(events.events) >= EVENTS_PER_MESSAGE:
+        if events.pending >= EVENTS_PER_MESSAGE:
             events.flush(producer)
     return results
 
 
 def _send(task: Task, producer: Any, batch: list[tuple[tuple[Any, ...], dict[str, Any]]], ids: list[str],
-          events: _SentEvents, options: dict[str, Any], template: MessageTemplate,
+          events: SentEvents, options: dict[str, Any], template: MessageTemplate,
           usable: bool) -> list[AsyncResult]:
     """Jobs 2..N in kombu's publish batch: built from the first one's message when ``usable``, else each by
     ``apply_async``."""
@@ -228,12 +203,12 @@ def _send(task: Task, producer: Any, batch: list[tuple[tuple[Any, ...], dict[str
                 subscribe_each.on_task_call(producer, task_id)
             template.publish(producer, task_id, args, kwargs, events)
             results.append(_result(task, task_id, ignored))
-            if len(events.events) >= EVENTS_PER_MESSAGE:
+            if events.pending >= EVENTS_PER_MESSAGE:
                 events.flush(producer)
         return results
     for (args, kwargs), task_id in zip(batch[1:], ids[1:], strict=True):
         results.append(task.apply_async(args, kwargs, task_id=task_id, producer=producer, **options))
-        if len(events.events) >= EVENTS_PER_MESSAGE:
+        if events.pending >= EVENTS_PER_MESSAGE:
             events.flush(producer)
     return results
 

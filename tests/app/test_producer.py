@@ -16,6 +16,7 @@ import redis
 from config.celery_app import app
 from loopline.app.envelope import Envelope
 from loopline.app.producer import ENTRIES_PER_PUSH, EVENTS_PER_MESSAGE, release_result_subscriptions, send_many
+from loopline.app.sent_events import SentEvents
 from loopline.errors import InvalidJob
 from loopline.transport.redis import Channel
 from tasks import fetch_url, io_sleep
@@ -66,6 +67,7 @@ class EventTap:
         self.pubsub = client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.psubscribe("*celeryev*")
         self.events: list[dict[str, Any]] = []
+        self.raw: list[bytes] = []
         self.messages = 0
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -77,6 +79,7 @@ class EventTap:
             if item is None:
                 continue
             body = decoded(item["data"])["body"]
+            self.raw.append(item["data"])
             self.messages += 1
             self.events.extend(body if isinstance(body, list) else [body])
 
@@ -275,6 +278,71 @@ def test_task_sent_events_carry_the_same_fields_in_fewer_messages(tap: EventTap,
         assert event["root_id"] == result.id
         assert {k: v for k, v in event.items() if k not in varying} == reference
     assert tap.messages <= 1 + 2  # apply_async's own, then one task.multi per EVENTS_PER_MESSAGE
+
+
+def task_multi(tap: EventTap, task_ids: set[str]) -> bytes:
+    """The one raw ``task.multi`` message that carries these tasks' events, once it has come."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for raw in list(tap.raw):
+            body = decoded(raw)["body"]
+            if isinstance(body, list) and {event["uuid"] for event in body} == task_ids:
+                return raw
+        time.sleep(0.05)
+    raise AssertionError("no task.multi message carried exactly the batch's events")
+
+
+def test_spliced_task_multi_messages_are_what_the_dispatcher_writes(tap: EventTap, client: redis.Redis, queue: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from kombu.utils.json import dumps as kombu_dumps
+
+    added = Spy(monkeypatch, SentEvents, "add")
+    spliced = send_many(echo, ECHO_JOBS, queue=queue)
+    assert [call[1] for call in added.calls] == [r.id for r in spliced[1:]]
+    monkeypatch.setattr(SentEvents, "splice", lambda self: False)  # every event prepared by Celery's dispatcher
+    prepared = send_many(echo, ECHO_JOBS, queue=queue)
+    raws = [task_multi(tap, {r.id for r in results}) for results in (spliced, prepared)]
+
+    def without_varying(raw: bytes) -> bytes:
+        message = json.loads(raw)
+        return raw.replace(message["body"].encode(), b"<body>").replace(
+            message["properties"]["delivery_tag"].encode(), b"<delivery tag>")
+
+    assert without_varying(raws[0]) == without_varying(raws[1])  # the same envelope, byte for byte
+    texts = [base64.b64decode(json.loads(raw)["body"]).decode() for raw in raws]
+    assert texts[0] == kombu_dumps(json.loads(texts[0]))  # what kombu's JSON writes for these events
+    varying = ("uuid", "root_id", "clock", "timestamp", "utcoffset")
+    events = [json.loads(text) for text in texts]
+    assert [[{k: v for k, v in e.items() if k not in varying} for e in way] for way in events] == [
+        [{k: v for k, v in e.items() if k not in varying} for e in events[1]]] * 2
+    for event, result in zip(events[0], spliced, strict=True):
+        assert event["uuid"] == event["root_id"] == result.id
+        assert list(event) == list(events[1][0])  # the dispatcher's field order
+    clocks = [event["clock"] for event in events[0]]
+    assert clocks == sorted(clocks) and len(set(clocks)) == len(clocks)
+    headers = [json.loads(raw)["headers"] for raw in entries(client, queue)[queue.encode()][:len(ECHO_JOBS)]]
+    assert [(e["args"], e["kwargs"]) for e in events[0]] == [(h["argsrepr"], h["kwargsrepr"]) for h in headers]
+
+
+def test_spliced_events_a_publish_cannot_send_are_buffered_as_the_dispatcher_buffers_them() -> None:
+    class Offline:
+        def publish(self, *args: Any, **kwargs: Any) -> None:
+            raise redis.ConnectionError("Connection refused")
+
+    dispatcher = app.events.Dispatcher(enabled=False)
+    try:
+        events = SentEvents(dispatcher)
+        fields = {"uuid": "a", "root_id": "a", "parent_id": None, "name": "n", "args": "(1,)", "kwargs": "{}"}
+        events.publish("task-sent", fields, None)
+        assert events.splice()
+        events.add("b", "(2,)", "{'k': 'é'}")
+        events.flush(Offline())
+        ((buffered, routing_key),) = dispatcher._outbound_buffer
+        assert routing_key == "task.multi"
+        assert [(e["uuid"], e["args"], e["kwargs"]) for e in buffered] == [("a", "(1,)", "{}"),
+                                                                           ("b", "(2,)", "{'k': 'é'}")]
+    finally:
+        dispatcher.close()
 
 
 def test_every_bulk_result_channel_is_subscribed_before_the_jobs_go_out(client: redis.Redis, queue: str) -> None:
