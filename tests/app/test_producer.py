@@ -409,3 +409,17 @@ def test_a_countdown_makes_every_job_take_apply_async(monkeypatch: pytest.Monkey
     puts = Spy(monkeypatch, Channel, "put_many")
     send_many(io_sleep, [((1,), {})] * 3, queue=queue, countdown=30)
     assert len(calls) == 3 and puts.calls == []
+
+
+def test_task_routes_make_every_job_take_apply_async(monkeypatch: pytest.MonkeyPatch, client: redis.Redis,
+                                                    queue: str) -> None:
+    def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **rest: Any) -> Any:
+        return {"queue": queue} if name == echo.name else None  # routes may look at each job's arguments
+
+    monkeypatch.setattr(app.amqp.router, "routes", [route])
+    single = apply_async_entries(client, queue, echo, ECHO_JOBS[:3], {})
+    calls = count_apply_async(monkeypatch)
+    puts = Spy(monkeypatch, Channel, "put_many")
+    send_many(echo, ECHO_JOBS[:3])
+    assert len(calls) == 3 and puts.calls == []
+    assert_same_bytes(entries(client, queue), single)
