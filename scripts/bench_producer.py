@@ -3,10 +3,12 @@
     LOOPLINE_BROKER_URL=redis://127.0.0.1:PORT/0 .venv/bin/python scripts/bench_producer.py [--jobs 20000]
         [--delay-jobs 5000] [--repeat 3]
 
-``batch_apply`` is ``apply_async`` per job inside one ``Producer.batch``: what ``send_many`` did before it
-subscribed in bulk, sent ``task.multi`` events and bound the queue once. Each run sends to a queue of its
-own, which is deleted afterwards with the results' subscriptions; no worker runs, so the numbers are the
-producer's alone. Prints jobs/s per way of sending, median of repeats.
+``send_many`` sends the first job through ``apply_async`` and splices the others' Redis entries and
+``task-sent`` events from it (``loopline.app.envelope``, ``loopline.app.sent_events``); ``asend_many`` is the
+same on a worker thread. ``batch_apply`` is ``apply_async`` per job inside one ``Producer.batch``: what
+``send_many`` did before it subscribed in bulk, sent ``task.multi`` events and bound the queue once. Each run
+sends to a queue of its own, which is deleted afterwards with the results' subscriptions; no worker runs, so
+the numbers are the producer's alone. Prints jobs/s per way of sending, median and range of repeats.
 """
 
 from __future__ import annotations
@@ -76,11 +78,11 @@ def main() -> None:
                     _drop(app, queue)
     finally:
         release_result_subscriptions(app)
-    print(f"{'way':<12} {'jobs':>7} {'jobs/s (median)':>16}   all repeats")
+    print(f"{'way':<12} {'jobs':>7} {'jobs/s (median)':>16} {'range':>17}   all repeats")
     for name, values in rates.items():
         jobs = args.delay_jobs if name == "delay" else args.jobs
-        print(f"{name:<12} {jobs:>7} {statistics.median(values):>16,.0f}   "
-              + ", ".join(f"{v:,.0f}" for v in values))
+        print(f"{name:<12} {jobs:>7} {statistics.median(values):>16,.0f} "
+              f"{f'{min(values):,.0f}-{max(values):,.0f}':>17}   " + ", ".join(f"{v:,.0f}" for v in values))
 
 
 def _drop(app: Any, queue: str) -> None:

@@ -4,15 +4,21 @@ Celery's ``apply_async`` spends most of a bulk send on work that is the same for
 one set of options: merging options, routing, ``celery.app.amqp.AMQP.as_task_v2``'s headers, kombu's
 ``Producer.publish`` wrapping (retry policy, declarations). :class:`MessageTemplate` watches the batch's
 first job go through all of it (``Producer._publish``, the call kombu makes with the finished headers,
-properties and serialized body) and then builds each other job's message the way ``as_task_v2`` does:
-the new task id in ``id``, ``root_id`` (when it was the task's own) and ``correlation_id``, ``argsrepr`` and
-``kwargsrepr`` from Celery's ``saferepr``, the body ``[args, kwargs, embed]`` through kombu's serializer
-registry, the ``task-sent`` event fields likewise. The message goes through the same ``Producer._publish``,
-so the transport adds its delivery tag and body encoding as for any other.
+properties and serialized body, and the channel's ``basic_publish``, which gets the final message) and then
+builds each other job's message the way ``as_task_v2`` does: the new task id in ``id``, ``root_id`` (when it
+was the task's own) and ``correlation_id``, ``argsrepr`` and ``kwargsrepr`` as Celery's ``saferepr`` writes
+them (:func:`~loopline.app.reprs.plain_saferepr` where that is provably the same text), the body
+``[args, kwargs, embed]`` through kombu's JSON, the ``task-sent`` event fields likewise.
 
-:func:`MessageTemplate.usable` says when that is exact; otherwise each job takes ``apply_async`` itself:
-anything that differs by job or runs code per message (publish signals, ``task_routes``, eta, countdown and
-expiry times, stamps, compression, a parent task, a task class with its own ``apply_async``).
+Two ways to send them: :meth:`MessageTemplate.envelope` gives the first job's Redis list entry as an
+:class:`~loopline.app.envelope.Envelope` to splice the others' from (loopline's Redis transport, anonymous
+exchange); otherwise :meth:`MessageTemplate.publish` hands each message to the same ``Producer._publish``, so
+the transport adds its delivery tag and body encoding as for any other.
+
+:func:`MessageTemplate.usable` says when building from the first job is exact; otherwise each job takes
+``apply_async`` itself: anything that differs by job or runs code per message (publish signals,
+``task_routes``, eta, countdown and expiry times, stamps, compression, a parent task, a task class with its
+own ``apply_async``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from typing import Any
 from celery import Task, signals
 from celery.utils.saferepr import saferepr
 from kombu.serialization import dumps
+
+from loopline.app.envelope import Envelope
+from loopline.app.reprs import plain_saferepr
 
 __all__ = ["MessageTemplate"]
 
@@ -37,20 +46,39 @@ class MessageTemplate:
         self.amqp = app.amqp
         self.repr_maxlevels = app.conf.task_repr_maxlevels
         self.calls: list[tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]] = []
+        #: What the channel's ``basic_publish`` received for those calls: (message, exchange, routing key).
+        self.delivered: list[tuple[dict[str, Any], Any, Any]] = []
         self.event: tuple[str, dict[str, Any]] | None = None
         self._embed: Any = None
 
     def watch(self, producer: Any) -> Callable[[], None]:
-        """Record ``producer``'s next ``_publish`` calls (kombu's Producer.publish looks it up on the instance)."""
+        """Record ``producer``'s next ``_publish`` calls (kombu's Producer.publish looks it up on the instance)
+        and the messages its channel's ``basic_publish`` gets for them (kombu's publish batch and
+        ``Producer._publish`` look that up on the channel instance)."""
         real = producer._publish
+        channel = producer.channel
+        real_basic_publish = channel.basic_publish
 
         def record(*args: Any, **kwargs: Any) -> Any:
             # Copies: the transport fills in the properties (delivery_info, delivery_tag) as it publishes.
             self.calls.append((args, dict(args[4]), dict(args[5])))
             return real(*args, **kwargs)
 
+        def record_delivery(message: dict[str, Any], exchange: Any, routing_key: Any, **kwargs: Any) -> Any:
+            # Kept after the call: virtual.Channel.basic_publish encodes the body and adds the delivery tag in
+            # place, and the Redis transport then pushes this very dict.
+            result = real_basic_publish(message, exchange, routing_key, **kwargs)
+            self.delivered.append((message, exchange, routing_key))
+            return result
+
         producer._publish = record
-        return lambda: producer.__dict__.pop("_publish", None)
+        channel.basic_publish = record_delivery
+
+        def unwatch() -> None:
+            producer.__dict__.pop("_publish", None)
+            channel.__dict__.pop("basic_publish", None)
+
+        return unwatch
 
     def usable(self, task: Task, options: dict[str, Any]) -> bool:
         """True when every other job's message can be built from the first one's exactly."""
@@ -78,12 +106,48 @@ class MessageTemplate:
         self._embed = decoded[2]
         return True
 
+    def envelope(self, producer: Any, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> tuple[Envelope, str, dict[str, Any]] | None:
+        """After :meth:`usable`, given the first job's arguments: its Redis entry as an :class:`Envelope`, with the
+        queue and message to push the others with (``put_many`` of loopline's Redis channel); None when that
+        would not be exact.
+
+        Exact when the one message went to the anonymous exchange, which kombu's Redis transport turns into one
+        LPUSH to the routing key's list (``virtual.Channel.basic_publish`` → ``Channel._put``), on a channel of
+        loopline's transport, and the envelope reproduces that entry.
+        """
+        if len(self.delivered) != 1 or not callable(getattr(producer.channel, "put_many", None)):
+            return None
+        message, exchange, routing_key = self.delivered[0]
+        if exchange or not isinstance(routing_key, str) or not routing_key:
+            return None
+        (call, _, _), = self.calls
+        envelope = Envelope.of(message, call[0], args, kwargs, self._embed)
+        return None if envelope is None else (envelope, routing_key, message)
+
+    def reprs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
+        """``argsrepr`` and ``kwargsrepr`` as ``as_task_v2`` writes them."""
+        amqp, levels = self.amqp, self.repr_maxlevels
+        argsrepr = plain_saferepr(args, amqp.argsrepr_maxsize, levels)
+        if argsrepr is None:
+            argsrepr = saferepr(args, amqp.argsrepr_maxsize, maxlevels=levels)
+        kwargsrepr = plain_saferepr(kwargs, amqp.kwargsrepr_maxsize, levels)
+        if kwargsrepr is None:
+            kwargsrepr = saferepr(kwargs, amqp.kwargsrepr_maxsize, maxlevels=levels)
+        return argsrepr, kwargsrepr
+
+    def sent_event(self, task_id: str, argsrepr: str, kwargsrepr: str, events: Any, producer: Any) -> None:
+        """Hand ``events`` the ``task-sent`` event ``send_task_message`` would have published for this job."""
+        if self.event is not None:
+            kind, fields = self.event
+            events.publish(kind, {**fields, "uuid": task_id, "root_id": task_id, "args": argsrepr,
+                                  "kwargs": kwargsrepr}, producer)
+
     def publish(self, producer: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                 events: Any) -> None:
         """Publish the message ``apply_async(args, kwargs, task_id=task_id, **options)`` would have sent."""
         call, headers, properties = self.calls[0]
-        argsrepr = saferepr(args, self.amqp.argsrepr_maxsize, maxlevels=self.repr_maxlevels)
-        kwargsrepr = saferepr(kwargs, self.amqp.kwargsrepr_maxsize, maxlevels=self.repr_maxlevels)
+        argsrepr, kwargsrepr = self.reprs(args, kwargs)
         headers = {**headers, "id": task_id, "root_id": task_id, "argsrepr": argsrepr, "kwargsrepr": kwargsrepr}
         properties = {**properties, "correlation_id": task_id}
         _, _, body = dumps((args, kwargs, self._embed), serializer="json")
@@ -91,7 +155,4 @@ class MessageTemplate:
         # mandatory, immediate, exchange, declare, timeout, confirm_timeout, retry, retry_policy): no declare,
         # the first job declared the queue.
         producer._publish(body, call[1], call[2], call[3], headers, properties, *call[6:10], [], *call[11:])
-        if self.event is not None:
-            kind, fields = self.event
-            events.publish(kind, {**fields, "uuid": task_id, "root_id": task_id, "args": argsrepr,
-                                  "kwargs": kwargsrepr}, producer)
+        self.sent_event(task_id, argsrepr, kwargsrepr, events, producer)

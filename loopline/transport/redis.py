@@ -291,6 +291,27 @@ class Channel(kombu_redis.Channel):
         self._acked_queues.discard(self._tag_to_queue.get(consumer_tag))
         return super().basic_cancel(consumer_tag)
 
+    def put_many(self, queue: str, message: dict[str, Any], entries: list[str]) -> None:
+        """Deliver ``entries``, serialised messages of ``message``'s priority, to ``queue`` in one LPUSH.
+
+        What ``kombu.transport.redis.Channel._put`` does for each message (the key of its priority, the queue's
+        expiry renewed), with one command for all: LPUSH pushes its values in order, so the list ends as after
+        one LPUSH each. For bulk producers (``loopline.app.producer.send_many``); no retry, as kombu's publish
+        batches (``PublishBatch.flush``).
+        """
+        if not entries:
+            return
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        with self.conn_or_acquire() as client:
+            if not (self._expires and queue in self._expires):
+                client.lpush(key, *entries)
+                return
+            pipe = client.pipeline(transaction=False)
+            pipe.lpush(key, *entries)
+            for pri in self.priority_steps:
+                pipe.pexpire(self._q_for_pri(queue, pri), self._expires[queue])
+            pipe.execute()
+
     # -- fetching ------------------------------------------------------------------------------------------
 
     def _atomic(self) -> bool:

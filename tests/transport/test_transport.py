@@ -221,3 +221,41 @@ def test_a_channel_closes_when_its_outstanding_fetch_lost_the_connection(own_red
         channel.close()  # kombu read the reply here and let the ConnectionError out, half-way through the close
         assert channel.closed
         assert channel not in conn.transport.channels
+
+
+# -- bulk put ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("priority", "expires_s", "prefix"), [(0, None, ""), (5, None, ""), (9, 30, ""),
+                                                               (0, None, "pfx:")])
+def test_put_many_leaves_the_lists_as_one_put_per_message_does(
+    redis_url: str, client: redis.Redis, queue: str, priority: int, expires_s: int | None, prefix: str
+) -> None:
+    """kombu's _put for each message, against put_many for the same entries: same keys, order, expiry."""
+    arguments = {"x-expires": expires_s * 1000} if expires_s else None
+    options = {"global_keyprefix": prefix} if prefix else {}
+    names = {"single": f"{queue}.single", "bulk": f"{queue}.bulk"}
+    lists: dict[str, dict[bytes, list[bytes]]] = {}
+    with Connection(redis_url, transport=Transport, transport_options=options) as conn:
+        channel = conn.default_channel
+        for way, name in names.items():
+            Queue(name, Exchange(name, "direct"), routing_key=name, queue_arguments=arguments)(channel).declare()
+            messages = [channel.prepare_message(f"m{i}", priority) for i in range(3)]
+            for message in messages:
+                message["properties"]["delivery_tag"] = f"tag-{message['body']}"
+            if way == "single":
+                for message in messages:
+                    channel._put(name, message)
+            else:
+                channel.put_many(name, messages[0], [json.dumps(message) for message in messages])
+            keys = sorted(key for key in client.scan_iter(match=f"{prefix}{name}*") if client.type(key) == b"list")
+            lists[way] = {key.replace(name.encode(), b"<queue>"): client.lrange(key, 0, -1) for key in keys}
+            if expires_s:
+                assert all(0 < client.pttl(key) <= expires_s * 1000 for key in keys)
+            client.delete(*keys)
+    assert lists["bulk"] == lists["single"] and len(lists["single"]) == 1
+    assert all(len(entries) == 3 for entries in lists["bulk"].values())
+
+
+def test_put_many_of_nothing_sends_nothing(redis_url: str, queue: str) -> None:
+    with Connection(redis_url, transport=Transport) as conn:
+        conn.default_channel.put_many(queue, {"properties": {}}, [])
