@@ -9,8 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
-from celery.app.task import Context
 from celery._state import pop_current_task, push_current_task
+from celery.app.task import Context
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 

@@ -162,7 +162,7 @@ class TaskPool(BasePool):
     def _tune_gc(self) -> None:
         """Leave what the worker built at start-up (Celery, the app, its modules) out of every later collection
         (``gc.freeze``), and collect less often while jobs run; :meth:`_restore_gc` undoes both."""
-        self._gc_thresholds = gc.get_threshold()  # type: ignore[assignment]
+        self._gc_thresholds = gc.get_threshold()
         gc.collect()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)

@@ -56,8 +56,8 @@ def _flat_dict(mapping: dict[Any, Any]) -> str | None:
 
 def install() -> None:
     """Make the tracer format results with :func:`saferepr` (it reads the module's global at each call)."""
-    celery.app.trace.saferepr = saferepr  # type: ignore[attr-defined]
+    celery.app.trace.saferepr = saferepr
 
 
 def uninstall() -> None:
-    celery.app.trace.saferepr = celery_saferepr  # type: ignore[attr-defined]
+    celery.app.trace.saferepr = celery_saferepr

@@ -41,7 +41,7 @@ def test_the_pool_puts_it_in_the_tracer_while_it_runs() -> None:
     pool = TaskPool(limit=2, app=app)
     pool.on_start()
     try:
-        assert celery.app.trace.saferepr is fastrepr.saferepr  # type: ignore[attr-defined]
+        assert celery.app.trace.saferepr is fastrepr.saferepr
     finally:
         pool.on_stop()
-    assert celery.app.trace.saferepr is celery_saferepr  # type: ignore[attr-defined]
+    assert celery.app.trace.saferepr is celery_saferepr
