@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Celery, Task
 from celery._state import pop_current_task, push_current_task
+from celery.app.task import Context
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
@@ -85,7 +86,7 @@ class LooplineTask(Task):
             # would raise only when awaited, outside that wrapper. Give the wrapper a body that awaits.
             self._orig_run = _AwaitingBody(orig)
         push_current_task(self)
-        self.push_request(args=args, kwargs=kwargs)
+        self.request_stack.push(_request_copy(self.request, args, kwargs))
         try:
             body = self.async_body if self.async_body is not None and on_loop() else self.run
             result = body(*args, **kwargs)
@@ -148,6 +149,24 @@ class LooplineTask(Task):
     async def apply_async_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         """``apply_async`` for asyncio code (queue, countdown and other options as usual)."""
         return await asyncio.to_thread(self.apply_async, args, kwargs, **options)
+
+
+def _request_copy(request: Context, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Context:
+    """What ``Task.push_request(args=args, kwargs=kwargs)`` pushes: a copy of ``request`` with these arguments.
+
+    ``Context(**{**request.__dict__, ...})`` runs ``Context.__init__`` again, and with it
+    ``Context._get_custom_headers`` (a set of every Context attribute, built per call) when the request has no
+    custom headers; the copy has the same keys, so the answer is the one ``request`` already holds. A copy,
+    as Celery's: what the body sets on ``self.request`` stays out of the tracer's request.
+    """
+    copy = Context.__new__(Context)
+    copy.__dict__.update(request.__dict__)
+    copy.args, copy.kwargs = args, kwargs
+    if "timelimit" in copy.__dict__:  # Context.update derives the two limits from it whenever it is given
+        timelimit = copy.timelimit
+        limits = timelimit[:2] if isinstance(timelimit, list | tuple) and len(timelimit) >= 2 else (None, None)
+        copy.time_limit, copy.soft_time_limit = limits
+    return copy
 
 
 def _own_limit(cls: type[Task], name: str) -> float | None:

@@ -76,3 +76,22 @@ def test_a_task_that_sets_one_time_limit_gets_no_default_for_the_other(queue: st
     # Sent to a queue no worker reads: what matters is that Celery's limit check in apply_async passes.
     assert async_tasks.hard_limit_only.apply_async(queue=queue).id
     assert async_tasks.soft_limit_only.apply_async((1,), queue=queue).id
+
+
+@pytest.mark.parametrize("fields", [
+    {"id": "t1", "retries": 2, "delivery_info": {"routing_key": "q"}},
+    {"id": "t2", "custom": "a header of the sender's", "timelimit": [30, 20]},
+    {"id": "t3", "timelimit": None, "headers": {"x": 1}},
+])
+def test_the_request_a_task_call_pushes_is_the_one_celery_pushes(fields: dict[str, object]) -> None:
+    """LooplineTask.__call__ copies the tracer's request as Task.push_request would, without Context.__init__."""
+    from celery.app.task import Context
+
+    from loopline.app.task import _request_copy
+
+    parent = Context(fields, args=[1], called_directly=False, kwargs={"a": 1})
+    args, kwargs = (2,), {"b": 2}
+    copy = _request_copy(parent, args, kwargs)
+    assert copy.__dict__ == Context(**{**parent.__dict__, "args": args, "kwargs": kwargs}).__dict__
+    copy.retries = 99  # the body's changes stay in its copy, as with Celery's
+    assert parent.retries != 99

@@ -6,6 +6,7 @@ Test-only tasks live in ``tests/async_tasks.py``; a worker imports them through 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ from waiting import wait_for_log, wait_until
 
 from config.celery_app import app
 from loopline.bench.procs import Child, spawn
-from loopline.concurrency.asyncio import TaskPool
+from loopline.concurrency.asyncio import GC_THRESHOLDS, TaskPool
 from loopline.worker.launcher import ASYNCIO_POOL
 from tasks import fetch_url, io_sleep
 
@@ -390,6 +391,20 @@ def test_a_celery_callback_that_raises_is_logged_with_the_task(caplog: pytest.Lo
     assert "async_tasks.marked_sleep[job-1]" in record.getMessage()
     assert record.exc_info is not None and "on_success broke on 42" in str(record.exc_info[1])
 
+
+
+def test_the_pool_tunes_the_collector_while_it_runs_and_restores_it_when_it_stops() -> None:
+    """In process: start-up objects frozen out of collections and higher thresholds, both undone at the stop."""
+    before = gc.get_threshold()
+    pool = TaskPool(limit=2, app=app)
+    pool.on_start()
+    try:
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        pool.on_stop()
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
 
 # -- async def tasks under every pool -------------------------------------------------------------------------
 
