@@ -7,7 +7,7 @@ first job go through all of it (``Producer._publish``, the call kombu makes with
 properties and serialized body, and the channel's ``basic_publish``, which gets the final message) and then
 builds each other job's message the way ``as_task_v2`` does: the new task id in ``id``, ``root_id`` (when it
 was the task's own) and ``correlation_id``, ``argsrepr`` and ``kwargsrepr`` as Celery's ``saferepr`` writes
-them (:func:`~loopline.app.reprs.plain_saferepr` where that is provably the same text), the body
+them (:func:`~loopline.reprs.plain_saferepr` where that is provably the same text), the body
 ``[args, kwargs, embed]`` through kombu's JSON, the ``task-sent`` event fields likewise.
 
 Two ways to send them: :meth:`MessageTemplate.envelope` gives the first job's Redis list entry as an
@@ -32,7 +32,7 @@ from celery.utils.saferepr import saferepr
 from kombu.serialization import dumps
 
 from loopline.app.envelope import Envelope
-from loopline.app.reprs import plain_saferepr
+from loopline.reprs import plain_saferepr
 
 __all__ = ["MessageTemplate"]
 

@@ -27,7 +27,8 @@ from billiard.einfo import ExceptionInfo
 from celery.concurrency.base import BasePool, apply_target
 from celery.exceptions import SoftTimeLimitExceeded
 
-from loopline.concurrency import fastrepr, loop_resources
+from loopline import reprs
+from loopline.concurrency import loop_resources
 from loopline.concurrency.bridge import Interrupt, drive, run_in_greenlet
 
 __all__ = ["Job", "Slots", "TaskPool"]
@@ -154,7 +155,7 @@ class TaskPool(BasePool):
 
         run_coroutines(self.app)  # an app without loopline's task class: its async def tasks are awaited too
         self._tune_gc()
-        fastrepr.install()
+        reprs.install_in_tracer()
         self._thread = threading.Thread(target=self._run_loop, name="loopline-asyncio", daemon=True)
         self._thread.start()
         asyncio.run_coroutine_threadsafe(loop_resources.startup(), self.loop).result(STOP_TIMEOUT_S)
@@ -216,7 +217,7 @@ class TaskPool(BasePool):
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._thread = None
         self._restore_gc()
-        fastrepr.uninstall()
+        reprs.uninstall_from_tracer()
 
     def _cut_grace(self) -> None:
         if self._grace_cut is not None and not self._grace_cut.done():

@@ -1,15 +1,21 @@
-"""loopline.app.reprs: ``plain_saferepr`` is Celery's ``saferepr`` byte for byte, or None (then saferepr runs)."""
+"""loopline.reprs: ``plain_saferepr`` is Celery's ``saferepr`` byte for byte, or None (then saferepr runs); the
+drop-in ``saferepr`` is the same text for every value, and the asyncio pool puts it in the tracer while it runs."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import celery.app.trace
 import pytest
 from celery.utils.saferepr import saferepr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loopline.app.reprs import plain_saferepr
+from config.celery_app import app
+from loopline import reprs
+from loopline.concurrency.asyncio import TaskPool
+from loopline.reprs import plain_saferepr
 
 pytestmark = pytest.mark.timeout(60)
 property_settings = settings(database=None, deadline=None, max_examples=400)
@@ -65,3 +71,38 @@ def test_a_cycle_is_left_to_saferepr() -> None:
     loop.append(loop)
     assert plain_saferepr((loop,), 1024, 3) is None
     assert plain_saferepr((loop,), 1024, 0) is None  # 0: no depth limit in saferepr, so none of ours either
+
+
+result_keys = st.one_of(st.text(), st.integers())
+
+
+@settings(max_examples=600, deadline=None, database=None)
+@given(st.dictionaries(result_keys, values, max_size=12), st.sampled_from([None, 8, 64, 200, 1024]))
+def test_the_drop_in_is_celerys_saferepr_for_results(value: dict[Any, Any], maxlen: int | None) -> None:
+    assert reprs.saferepr(value, maxlen) == saferepr(value, maxlen)
+
+
+@pytest.mark.parametrize("value", [
+    {}, {"a": "it's"}, {"a": "line\nbreak\\"}, {"é": "ünï"}, {"n": math.inf, "m": -0.0, "t": True, "z": None},
+    {"x": "a" * 1015}, {"x": "a" * 1016}, {"x": "a" * 1017}, {"x": "a b " * 400}, {1: "int key"}, {"d": {"n": 1}},
+    {"url": "http://127.0.0.1/job", "status": 200, "elapsed_ms": 101.5, "sha256": "f" * 64, "type": None},
+    {"big": 10 ** 5000},
+])
+def test_the_drop_in_is_celerys_saferepr_at_the_edges(value: dict[Any, Any]) -> None:
+    try:
+        expected = saferepr(value, 1024)
+    except ValueError:  # an int too long for str(): the drop-in raises as Celery's does
+        with pytest.raises(ValueError):
+            reprs.saferepr(value, 1024)
+    else:
+        assert reprs.saferepr(value, 1024) == expected
+
+
+def test_the_asyncio_pool_puts_it_in_the_tracer_while_it_runs() -> None:
+    pool = TaskPool(limit=2, app=app)
+    pool.on_start()
+    try:
+        assert celery.app.trace.saferepr is reprs.saferepr
+    finally:
+        pool.on_stop()
+    assert celery.app.trace.saferepr is saferepr
