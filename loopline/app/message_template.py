@@ -37,6 +37,8 @@ from loopline.reprs import plain_saferepr
 __all__ = ["MessageTemplate"]
 
 _PUBLISH_SIGNALS = (signals.before_task_publish, signals.after_task_publish, signals.task_sent)
+# Message headers that differ by job: a ``headers=`` option naming one makes apply_async's value win for each job.
+_PER_JOB_HEADERS = frozenset({"id", "root_id", "parent_id", "argsrepr", "kwargsrepr"})
 
 
 class MessageTemplate:
@@ -90,7 +92,11 @@ class MessageTemplate:
         if type(resolved).apply_async not in (Task.apply_async, LooplineTask.apply_async, IOTask.apply_async):
             return False
         if self.amqp.router.routes or task.app.current_worker_task is not None or "argsrepr" in options \
-                or "kwargsrepr" in options:
+                or "kwargsrepr" in options or _PER_JOB_HEADERS & set(options.get("headers") or ()):
+            return False
+        # Work Task.apply_async does per job on the arguments: a shadow name made from them, pydantic models dumped.
+        if type(resolved).shadow_name is not Task.shadow_name \
+                or getattr(resolved, "_dump_pydantic_arguments", None) is not None:
             return False
         args, headers, _ = self.calls[0]
         body, content_type, content_encoding = args[0], args[2], args[3]

@@ -23,6 +23,7 @@ from typing import Any
 from celery import Task
 from celery.result import AsyncResult
 from kombu import Queue
+from kombu.serialization import dumps as kombu_serialize
 from kombu.utils.url import maybe_sanitize_url
 
 from loopline.app.envelope import Envelope
@@ -31,7 +32,7 @@ from loopline.app.sent_events import SentEvents
 from loopline.app.task_ids import uuid4_strings
 from loopline.errors import CONNECTION_FAILURES, RedisUnavailable
 
-__all__ = ["BATCH_MAX_COMMANDS", "ENTRIES_PER_PUSH", "EVENTS_PER_MESSAGE", "Call", "asend_many",
+__all__ = ["BATCH_MAX_COMMANDS", "ENTRIES_PER_PUSH", "EVENTS_PER_MESSAGE", "PUSH_MAX_CHARS", "Call", "asend_many",
            "release_result_subscriptions", "send_many"]
 
 Call = tuple[Sequence[Any], dict[str, Any]]
@@ -39,8 +40,10 @@ Call = tuple[Sequence[Any], dict[str, Any]]
 BATCH_MAX_COMMANDS = 1000
 # task-sent events per task.multi message.
 EVENTS_PER_MESSAGE = 500
-# Spliced list entries per LPUSH (loopline's Redis transport): about 1.3 kB each for a small job.
+# Spliced list entries per LPUSH (loopline's Redis transport): about 1.3 kB each for a small job, and fewer when
+# their text adds up to PUSH_MAX_CHARS (jobs with large arguments), so one command stays a few MB at most.
 ENTRIES_PER_PUSH = 500
+PUSH_MAX_CHARS = 4 * 1024 * 1024
 
 
 def _bound_queue(app: Any, producer: Any, queue: Any) -> Any:
@@ -77,10 +80,7 @@ def send_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncRe
     each, spliced from the first job's too where its entry is.
     """
     batch = [(tuple(args), dict(kwargs)) for args, kwargs in calls]
-    check = getattr(task, "check_job", None)
-    if check is not None:
-        for args, kwargs in batch:
-            check(args, kwargs)
+    _check_each(task, batch, options)
     app = task.app
     if "task_id" in options:
         raise TypeError("send_many: task_id would name every job alike; each job gets an id of its own")
@@ -105,7 +105,7 @@ def send_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncRe
                 finally:
                     unwatch()
                 template.event = events.last
-                usable = template.usable(task, options)
+                usable = len(batch) > 1 and template.usable(task, options)
                 spliced = template.envelope(producer, *batch[0]) if usable else None
                 if spliced is None:
                     results = [first, *_send(task, producer, batch, ids, events, options, template, usable)]
@@ -122,6 +122,29 @@ def send_many(task: Task, calls: Iterable[Call], **options: Any) -> list[AsyncRe
         raise RedisUnavailable(f"{task.name}: lost {url} while sending {len(batch)} jobs ({type(exc).__name__}: "
                                f"{exc}); jobs written before it (in chunks of up to {BATCH_MAX_COMMANDS} commands "
                                f"or {ENTRIES_PER_PUSH} jobs) may be queued, the rest were not sent") from exc
+
+
+def _check_each(task: Task, batch: list[tuple[tuple[Any, ...], dict[str, Any]]], options: dict[str, Any]) -> None:
+    """What ``apply_async`` would refuse, refused for every job before any is sent: a bad job sends none.
+
+    The task's own ``check_job`` (loopline's tasks); Celery's argument check against the signature when the task
+    is ``typing`` (``celery.app.task.Task.apply_async``: a TypeError); and for a task without ``check_job``
+    whose arguments go out as they are (not pydantic models, which ``apply_async`` dumps first), that they
+    encode with the message's serializer (kombu's EncodeError).
+    """
+    resolved = task._get_current_object() if hasattr(task, "_get_current_object") else task  # shared_task
+    check = getattr(resolved, "check_job", None)
+    signature = getattr(resolved, "__header__", None) if resolved.typing else None
+    serializer = None
+    if check is None and getattr(resolved, "_dump_pydantic_arguments", None) is None:
+        serializer = options.get("serializer") or resolved.serializer
+    for args, kwargs in batch:
+        if check is not None:
+            check(args, kwargs)
+        if signature is not None:
+            signature(*args, **kwargs)
+        if serializer is not None:
+            kombu_serialize((args, kwargs), serializer=serializer)
 
 
 @contextmanager
@@ -170,22 +193,26 @@ def _push(task: Task, producer: Any, batch: list[tuple[tuple[Any, ...], dict[str
     tags = ["", *uuid4_strings(len(batch) - 1)]
     spliced_events = events.splice()
     results: list[AsyncResult] = []
-    for lo in range(1, len(batch), ENTRIES_PER_PUSH):
-        entries = []
-        for at in range(lo, min(lo + ENTRIES_PER_PUSH, len(batch))):
-            (args, kwargs), task_id = batch[at], ids[at]
-            if subscribe_each is not None:
-                subscribe_each.on_task_call(producer, task_id)
-            argsrepr, kwargsrepr = template.reprs(args, kwargs)
-            entries.append(envelope.entry(task_id, tags[at], argsrepr, kwargsrepr, args, kwargs))
-            if spliced_events:
-                events.add(task_id, argsrepr, kwargsrepr)
-            else:
-                template.sent_event(task_id, argsrepr, kwargsrepr, events, producer)
-            results.append(_result(task, task_id, ignored))
-        put_many(queue, message, entries)
-        if events.pending >= EVENTS_PER_MESSAGE:
-            events.flush(producer)
+    entries: list[str] = []
+    size = 0
+    for at in range(1, len(batch)):
+        (args, kwargs), task_id = batch[at], ids[at]
+        if subscribe_each is not None:
+            subscribe_each.on_task_call(producer, task_id)
+        argsrepr, kwargsrepr = template.reprs(args, kwargs)
+        entry = envelope.entry(task_id, tags[at], argsrepr, kwargsrepr, args, kwargs)
+        entries.append(entry)
+        size += len(entry)
+        if spliced_events:
+            events.add(task_id, argsrepr, kwargsrepr)
+        else:
+            template.sent_event(task_id, argsrepr, kwargsrepr, events, producer)
+        results.append(_result(task, task_id, ignored))
+        if len(entries) == ENTRIES_PER_PUSH or size >= PUSH_MAX_CHARS or at == len(batch) - 1:
+            put_many(queue, message, entries)
+            entries, size = [], 0
+            if events.pending >= EVENTS_PER_MESSAGE:
+                events.flush(producer)
     return results
 
 

@@ -10,10 +10,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import pydantic
 import pytest
 import redis
+from kombu.exceptions import EncodeError
 
 from config.celery_app import app
+from loopline.app import producer
 from loopline.app.envelope import Envelope
 from loopline.app.producer import ENTRIES_PER_PUSH, EVENTS_PER_MESSAGE, release_result_subscriptions, send_many
 from loopline.app.sent_events import SentEvents
@@ -27,6 +30,25 @@ Job = tuple[tuple[Any, ...], dict[str, Any]]
 @app.task(name="tests.app.test_producer.echo")
 def echo(*args: Any, **kwargs: Any) -> None:
     """Takes any JSON arguments and no validation: the wire format for every kind of value."""
+
+
+class Point(pydantic.BaseModel):
+    x: int
+
+
+@app.task(name="tests.app.test_producer.typed")
+def typed(a: int, b: int) -> None:
+    """Two positional arguments: Celery's argument check (``typing``) refuses other counts at apply_async."""
+
+
+@app.task(name="tests.app.test_producer.modelled", pydantic=True)
+def modelled(point: Point) -> None:
+    """A pydantic task: apply_async dumps each job's models before encoding them."""
+
+
+@app.task(name="tests.app.test_producer.shadowed", shadow_name=lambda task, args, kwargs, options: f"shadow-{args[0]}")
+def shadowed(n: int) -> None:
+    """A shadow name made from each job's arguments."""
 
 
 # The first job goes through apply_async; every later one is spliced from its entry, so the later ones hold what
@@ -422,4 +444,46 @@ def test_task_routes_make_every_job_take_apply_async(monkeypatch: pytest.MonkeyP
     puts = Spy(monkeypatch, Channel, "put_many")
     send_many(echo, ECHO_JOBS[:3])
     assert len(calls) == 3 and puts.calls == []
+    assert_same_bytes(entries(client, queue), single)
+
+
+@pytest.mark.parametrize(("task", "jobs", "options"), [
+    (modelled, [((Point(x=1),), {}), ((Point(x=2),), {}), ((Point(x=3),), {})], {}),
+    (shadowed, [((1,), {}), ((2,), {}), ((3,), {})], {}),
+    (echo, ECHO_JOBS[:3], {"headers": {"argsrepr": "<hidden>", "kwargsrepr": "<hidden>"}}),
+    (modelled, [((Point(x=1),), {})], {}),
+], ids=["pydantic", "shadow_name", "reprs-in-headers", "one-pydantic-job"])
+def test_what_apply_async_does_per_job_is_done_for_every_job(
+        client: redis.Redis, queue: str, task: Any, jobs: list[Job], options: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    single = apply_async_entries(client, queue, task, jobs, options)
+    puts = Spy(monkeypatch, Channel, "put_many")
+    send_many(task, jobs, queue=queue, **options)
+    assert puts.calls == []  # not spliced: each job through apply_async
+    assert_same_bytes(entries(client, queue), single)
+
+
+@pytest.mark.parametrize(("task", "jobs", "error"), [
+    (echo, [((1,), {}), ((object(),), {})], EncodeError),  # not JSON: kombu's error, as apply_async raises it
+    (typed, [((1, 2), {}), ((1,), {})], TypeError),  # Celery's argument check
+], ids=["not-json", "wrong-arguments"])
+def test_a_job_apply_async_would_refuse_anywhere_in_the_batch_sends_none(
+        client: redis.Redis, queue: str, task: Any, jobs: list[Job], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        task.apply_async(*jobs[-1], queue=queue)
+    with pytest.raises(error):
+        send_many(task, jobs, queue=queue)
+    assert entries(client, queue) == {}
+
+
+def test_jobs_with_large_arguments_are_pushed_fewer_to_a_command(client: redis.Redis, queue: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(producer, "PUSH_MAX_CHARS", 10_000)
+    puts = Spy(monkeypatch, Channel, "put_many")
+    jobs: list[Job] = [(("x" * 3000, i), {}) for i in range(9)]
+    single = apply_async_entries(client, queue, echo, jobs, {})
+    send_many(echo, jobs, queue=queue)
+    # Each entry is over 5,000 characters (the body base64-encoded, the argsrepr): two reach the limit.
+    assert all(len(entry) > 5_000 for call in puts.calls for entry in call[3])
+    assert [len(call[3]) for call in puts.calls] == [2, 2, 2, 2]
     assert_same_bytes(entries(client, queue), single)
