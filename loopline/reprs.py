@@ -13,6 +13,7 @@ it runs (:func:`install_in_tracer`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import celery.app.trace
@@ -80,11 +81,18 @@ def saferepr(o: Any, maxlen: int | None = None, maxlevels: int = 3, seen: Any = 
     return celery_saferepr(o, maxlen, maxlevels, seen)
 
 
-def install_in_tracer() -> None:
+def install_in_tracer() -> Callable[..., str]:
     """Make Celery's tracer format results with :func:`saferepr`: ``build_tracer``'s ``trace_task`` looks up the
-    module global ``saferepr`` at each call (``Rstr = saferepr(R, resultrepr_maxsize)``)."""
+    module global ``saferepr`` at each call (``Rstr = saferepr(R, resultrepr_maxsize)``).
+
+    Returns the function it replaced, for :func:`uninstall_from_tracer`: not always Celery's, if something else
+    patched the tracer first.
+    """
+    previous: Callable[..., str] = celery.app.trace.saferepr
     celery.app.trace.saferepr = saferepr
+    return previous
 
 
-def uninstall_from_tracer() -> None:
-    celery.app.trace.saferepr = celery_saferepr
+def uninstall_from_tracer(previous: Callable[..., str]) -> None:
+    """Put back what :func:`install_in_tracer` replaced."""
+    celery.app.trace.saferepr = previous

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import celery.app.trace
 from billiard.einfo import ExceptionInfo
 from celery.concurrency.base import BasePool, apply_target
 from celery.exceptions import SoftTimeLimitExceeded
@@ -42,6 +43,57 @@ STOP_TIMEOUT_S = 10.0
 # die, and each full collection walks every object of the process: measured at a fifth of the worker's CPU. A young
 # collection at 200,000 objects takes ~40 ms of the loop, once every few thousand jobs (under asyncio_blocking_ms).
 GC_THRESHOLDS = (200_000, 20, 20)
+
+
+class _ProcessTuning:
+    """The process-wide state the running pools share: the collector's tuning and the tracer's repr.
+
+    The first pool to start sets both, the last to stop restores them: a pool stopping while another runs must
+    leave that one tuned, and a pool starting while another runs must not take the tuned thresholds for the
+    originals. Each pool counts once, however often it starts or stops.
+    """
+
+    def __init__(self) -> None:
+        # Reentrant: a signal handler that stops the pool may run on the main thread inside acquire/release.
+        self._lock = threading.RLock()
+        self._pools: set[TaskPool] = set()
+        # What the first pool to start finds (read again then), and the last to stop puts back.
+        self._thresholds: tuple[int, int, int] = gc.get_threshold()
+        self._tracer_repr: Callable[..., str] = celery.app.trace.saferepr
+
+    def acquire(self, pool: TaskPool) -> None:
+        with self._lock:
+            if pool in self._pools:
+                return
+            if not self._pools:
+                self._tune()
+            self._pools.add(pool)
+
+    def release(self, pool: TaskPool) -> None:
+        with self._lock:
+            if pool not in self._pools:
+                return
+            self._pools.discard(pool)
+            if not self._pools:
+                self._restore()
+
+    def _tune(self) -> None:
+        # What the worker built at start-up (Celery, the app, its modules) stays out of every later collection,
+        # and the collector runs less often while jobs run.
+        self._thresholds = gc.get_threshold()
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
+        self._tracer_repr = reprs.install_in_tracer()
+
+    def _restore(self) -> None:
+        # No gc.unfreeze(): it would also unfreeze what the application froze itself (the pre-fork idiom), and
+        # what the pool froze are start-up objects that live as long as the worker anyway.
+        gc.set_threshold(*self._thresholds)
+        reprs.uninstall_from_tracer(self._tracer_repr)
+
+
+_tuning = _ProcessTuning()
 
 
 class Slots:
@@ -147,34 +199,22 @@ class TaskPool(BasePool):
         self._stopping = False
         self._cut_requested = False  # set on the consumer's thread; _drain may not have begun yet
         self._grace_cut: asyncio.Future[None] | None = None
-        self._gc_thresholds: tuple[int, int, int] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def on_start(self) -> None:
         from loopline.app.task import run_coroutines
 
         run_coroutines(self.app)  # an app without loopline's task class: its async def tasks are awaited too
-        self._tune_gc()
-        reprs.install_in_tracer()
-        self._thread = threading.Thread(target=self._run_loop, name="loopline-asyncio", daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(loop_resources.startup(), self.loop).result(STOP_TIMEOUT_S)
+        _tuning.acquire(self)
+        try:
+            self._thread = threading.Thread(target=self._run_loop, name="loopline-asyncio", daemon=True)
+            self._thread.start()
+            asyncio.run_coroutine_threadsafe(loop_resources.startup(), self.loop).result(STOP_TIMEOUT_S)
+        except BaseException:
+            _tuning.release(self)  # Celery need not call on_stop after a failed start
+            raise
         logger.info("asyncio pool: %d slots, %d sync threads, grace %.0f s", self.slots.limit,
                     self.settings.asyncio_sync_threads, self.settings.asyncio_shutdown_grace_s)
-
-    def _tune_gc(self) -> None:
-        """Leave what the worker built at start-up (Celery, the app, its modules) out of every later collection
-        (``gc.freeze``), and collect less often while jobs run; :meth:`_restore_gc` undoes both."""
-        self._gc_thresholds = gc.get_threshold()
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
-
-    def _restore_gc(self) -> None:
-        if self._gc_thresholds is not None:
-            gc.set_threshold(*self._gc_thresholds)
-            gc.unfreeze()
-            self._gc_thresholds = None
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -197,27 +237,30 @@ class TaskPool(BasePool):
 
     def _shutdown(self, grace_s: float) -> None:
         thread = self._thread
-        if thread is None or not thread.is_alive():
-            return
-        if self._stopping:
+        running = thread is not None and thread.is_alive()
+        if running and self._stopping:
             # A cold shutdown while a warm one waits out its grace period (a signal handler, run inside the
-            # wait below): cut the grace short; the first call finishes the stop.
+            # wait below): cut the grace short; the first call finishes the stop, and restores the tuning.
             self._cut_requested = True
             self.loop.call_soon_threadsafe(self._cut_grace)
             return
-        self._stopping = True
-        self.flush()  # a job still waiting for a slot must not start while the others drain
-        future = asyncio.run_coroutine_threadsafe(self._drain(grace_s), self.loop)
         try:
-            future.result(grace_s + STOP_TIMEOUT_S)
-        except Exception:
-            logger.exception("asyncio pool: shutdown did not complete cleanly")
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        thread.join(STOP_TIMEOUT_S)
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        self._thread = None
-        self._restore_gc()
-        reprs.uninstall_from_tracer()
+            if thread is None or not running:
+                return
+            self._stopping = True
+            self.flush()  # a job still waiting for a slot must not start while the others drain
+            future = asyncio.run_coroutine_threadsafe(self._drain(grace_s), self.loop)
+            try:
+                future.result(grace_s + STOP_TIMEOUT_S)
+            except Exception:
+                logger.exception("asyncio pool: shutdown did not complete cleanly")
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            thread.join(STOP_TIMEOUT_S)
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self._thread = None
+        finally:
+            # However the loop ended (stopped here, died, or never started), this pool's share of the tuning ends.
+            _tuning.release(self)
 
     def _cut_grace(self) -> None:
         if self._grace_cut is not None and not self._grace_cut.done():

@@ -394,17 +394,19 @@ def test_a_celery_callback_that_raises_is_logged_with_the_task(caplog: pytest.Lo
 
 
 def test_the_pool_tunes_the_collector_while_it_runs_and_restores_it_when_it_stops() -> None:
-    """In process: start-up objects frozen out of collections and higher thresholds, both undone at the stop."""
+    """In process: start-up objects frozen out of collections and higher thresholds; the stop restores the
+    thresholds and leaves the frozen objects frozen (see tests/concurrency/test_process_tuning.py)."""
     before = gc.get_threshold()
     pool = TaskPool(limit=2, app=app)
     pool.on_start()
     try:
         assert gc.get_threshold() == GC_THRESHOLDS
-        assert gc.get_freeze_count() > 0
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
     finally:
         pool.on_stop()
     assert gc.get_threshold() == before
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() >= frozen
 
 # -- async def tasks under every pool -------------------------------------------------------------------------
 
