@@ -53,6 +53,9 @@ def main() -> None:
     if shutil.which("py-spy") is None and not (Path(sys.executable).parent / "py-spy").exists():
         sys.exit("py-spy is not installed: pip install py-spy")
     os.environ.setdefault("LOOPLINE_URL_ALLOWLIST", "127.0.0.1")
+    # The reference pipeline (tasks/, config/) sits at the repository root, which `python scripts/...` leaves off
+    # sys.path; the worker it starts runs from the root too.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
     import tasks
     from config.celery_app import app
