@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from kombu.utils.json import JSONEncoder
 from kombu.utils.json import dumps as kombu_dumps
 
-__all__ = ["Envelope", "string_encoder"]
+__all__ = ["Envelope", "format_template", "string_encoder"]
 
 _MARK = "\x00loopline-slot-{}\x00"
 # The fields that differ by job, by slot: the task id (three times), its reprs, the delivery tag, the body.
@@ -30,6 +30,20 @@ _SLOTS: tuple[tuple[str, str, int], ...] = (
 )
 # Ids (hex digits and dashes) and base64 text need no JSON escape: their slots keep the quotes the template has.
 _BARE = (_ID, _TAG, _BODY)
+
+
+def format_template(marked: dict[str, Any], mark: str, counts: Sequence[int], bare: Collection[int]) -> str | None:
+    """``kombu_dumps(marked)`` as a ``str.format`` template: each ``mark.format(slot)`` value becomes field
+    ``{slot}`` (its quotes kept for a slot in ``bare``, whose values need no JSON escape, else left to the
+    value's own encoding), the text's own braces doubled; None unless slot ``n`` appears exactly ``counts[n]``
+    times."""
+    template = kombu_dumps(marked).replace("{", "{{").replace("}", "}}")
+    for slot, count in enumerate(counts):
+        encoded = kombu_dumps(mark.format(slot))
+        if template.count(encoded) != count:
+            return None
+        template = template.replace(encoded, f'"{{{slot}}}"' if slot in bare else f"{{{slot}}}")
+    return template
 
 
 def string_encoder() -> Callable[[str], str] | None:
@@ -66,16 +80,13 @@ class Envelope:
             if not isinstance(marked[part].get(key), str):
                 return None
             marked[part][key] = _MARK.format(slot)
-        text = kombu_dumps(marked)
         wire = kombu_dumps(message)  # what _put pushes for the first job
-        # str.format fields for the slots; braces of the text itself doubled.
-        template = text.replace("{", "{{").replace("}", "}}")
-        for slot in range(5):
-            mark = kombu_dumps(_MARK.format(slot))
-            if mark[1:-1] in wire or text.count(mark) != sum(1 for *_, s in _SLOTS if s == slot) + (slot == _BODY):
-                return None
-            field = f'"{{{slot}}}"' if slot in _BARE else f"{{{slot}}}"
-            template = template.replace(mark, field)
+        if any(kombu_dumps(_MARK.format(slot))[1:-1] in wire for slot in range(5)):
+            return None
+        counts = [sum(1 for *_, s in _SLOTS if s == slot) + (slot == _BODY) for slot in range(5)]
+        template = format_template(marked, _MARK, counts, _BARE)
+        if template is None:
+            return None
         envelope = cls(template, encode, embed)
         headers = message["headers"]
         try:

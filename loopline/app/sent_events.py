@@ -19,9 +19,8 @@ from typing import Any
 
 from celery.utils.time import utcoffset
 from kombu.serialization import dumps
-from kombu.utils.json import dumps as kombu_dumps
 
-from loopline.app.envelope import string_encoder
+from loopline.app.envelope import format_template, string_encoder
 
 __all__ = ["SentEvents"]
 
@@ -73,12 +72,9 @@ class SentEvents:
         marked = dict(event)
         for key, slot in _SLOTS:
             marked[key] = _MARK.format(slot)
-        text = kombu_dumps(marked).replace("{", "{{").replace("}", "}}")
-        for slot in range(6):
-            mark = kombu_dumps(_MARK.format(slot))
-            if text.count(mark) != (2 if slot == _ID else 1):
-                return False
-            text = text.replace(mark, f'"{{{slot}}}"' if slot == _ID else f"{{{slot}}}")
+        text = format_template(marked, _MARK, [2 if slot == _ID else 1 for slot in range(6)], (_ID,))
+        if text is None:
+            return False
         written = text.format(repr(event["utcoffset"]), event["clock"], event["uuid"], encode(event["args"]),
                               encode(event["kwargs"]), repr(event["timestamp"]))
         content_type, content_encoding, payload = dumps([event], serializer=self.dispatcher.serializer)
